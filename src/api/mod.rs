@@ -1,0 +1,314 @@
+//! The admin API: an HTTP/1.1 server (hyper 1) with JSON in and out.
+//!
+//! Every request takes the same path through [`handle`]: match the route, authenticate
+//! and check the route's scope (the one place where auth happens), read a bounded body,
+//! run the handler, and turn any [`ApiError`] into its status and JSON body. Handlers
+//! live in submodules by resource and only translate between JSON and the domain.
+
+mod error;
+mod keys;
+mod streams;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use error::ApiError;
+
+use crate::auth::{Auth, Caller, Scope};
+use crate::config::AccountConfig;
+use crate::keys::Keys;
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// Everything the handlers reach.
+pub struct ApiState {
+    pub keys: Arc<Keys>,
+    pub auth: Arc<Auth>,
+    pub account: AccountConfig,
+}
+
+/// The routes, one per path pattern; the method is dispatched by the handler.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    Healthz,
+    Account,
+    Streams,
+    Stream,
+    StreamKeys,
+    StreamEncrypt,
+    Decrypt,
+    Key,
+    KeyExport,
+}
+
+impl Route {
+    /// The scope each method of the route needs (`None`: no token needed), or the
+    /// methods the route allows when `method` is not one of them.
+    fn scope(self, method: &Method) -> Result<Option<Scope>, &'static str> {
+        use Route::*;
+        match (self, method) {
+            (Healthz, &Method::GET) => Ok(None),
+            (Healthz, _) => Err("GET"),
+            (Account, &Method::GET) => Ok(Some(Scope::Admin)),
+            (Account, _) => Err("GET"),
+            (Streams, &Method::GET | &Method::POST) => Ok(Some(Scope::Admin)),
+            (Streams, _) => Err("GET, POST"),
+            (Stream, &Method::GET | &Method::DELETE) => Ok(Some(Scope::Admin)),
+            (Stream, _) => Err("GET, DELETE"),
+            (StreamKeys | StreamEncrypt, &Method::POST) => Ok(Some(Scope::Keys)),
+            (StreamKeys | StreamEncrypt, _) => Err("POST"),
+            (Decrypt, &Method::POST) => Ok(Some(Scope::Decrypt)),
+            (Decrypt, _) => Err("POST"),
+            (Key, &Method::GET) => Ok(Some(Scope::Keys)),
+            (Key, _) => Err("GET"),
+            (KeyExport, &Method::GET) => Ok(Some(Scope::Export)),
+            (KeyExport, _) => Err("GET"),
+        }
+    }
+}
+
+fn router() -> matchit::Router<Route> {
+    let mut r = matchit::Router::new();
+    let routes = [
+        ("/healthz", Route::Healthz),
+        ("/v1/account", Route::Account),
+        ("/v1/streams", Route::Streams),
+        ("/v1/streams/{name}", Route::Stream),
+        ("/v1/streams/{name}/keys", Route::StreamKeys),
+        ("/v1/streams/{name}/encrypt", Route::StreamEncrypt),
+        ("/v1/decrypt", Route::Decrypt),
+        ("/v1/keys/{keyLink}", Route::Key),
+        ("/v1/keys/{keyLink}/export", Route::KeyExport),
+    ];
+    for (path, route) in routes {
+        r.insert(path, route).expect("routes do not overlap");
+    }
+    r
+}
+
+/// What a handler gets: the authenticated caller, the path parameter and the body.
+pub(crate) struct Ctx<'a> {
+    pub state: &'a ApiState,
+    pub method: Method,
+    pub caller: Option<Caller>,
+    /// The one `{name}` or `{keyLink}` segment of the path, when the route has one.
+    pub param: String,
+    body: Bytes,
+}
+
+impl Ctx<'_> {
+    /// The body as `T`; unknown fields, missing fields and wrong types are 400s.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+        if self.body.iter().all(u8::is_ascii_whitespace) {
+            return Err(ApiError::bad_request(
+                "the request needs a JSON object body",
+            ));
+        }
+        serde_json::from_slice(&self.body)
+            .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+    }
+
+    pub fn caller_name(&self) -> &str {
+        self.caller.as_ref().map_or("-", |c| c.token_name.as_str())
+    }
+}
+
+/// A handler's answer: a status and a JSON body.
+pub(crate) type Reply = Result<(StatusCode, serde_json::Value), ApiError>;
+
+pub(crate) fn ok(value: serde_json::Value) -> Reply {
+    Ok((StatusCode::OK, value))
+}
+
+async fn dispatch(route: Route, ctx: Ctx<'_>) -> Reply {
+    match route {
+        Route::Healthz => ok(serde_json::json!({"status": "ok"})),
+        Route::Account => ok(serde_json::json!({
+            "billingId": ctx.state.account.billing_id,
+            "keyExportAllowed": ctx.state.account.key_export_allowed,
+        })),
+        Route::Streams | Route::Stream => streams::handle(route == Route::Stream, ctx).await,
+        Route::StreamKeys => keys::get_or_create(ctx).await,
+        Route::StreamEncrypt => keys::encrypt(ctx).await,
+        Route::Decrypt => keys::decrypt(ctx),
+        Route::Key => keys::info(ctx),
+        Route::KeyExport => keys::export(ctx),
+    }
+}
+
+fn respond(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(
+        serde_json::to_vec(body).expect("JSON values serialize"),
+    )));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn is_json(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than {MAX_BODY_BYTES} bytes"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(too_large());
+    }
+    let has_body =
+        declared.is_some_and(|n| n > 0) || req.headers().contains_key(header::TRANSFER_ENCODING);
+    if has_body && !is_json(&req) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "the request body must be JSON: send 'Content-Type: application/json' (curl --json)",
+        ));
+    }
+    match Limited::new(req.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "cannot read the request body: {e}"
+        ))),
+    }
+}
+
+async fn handle(
+    state: &ApiState,
+    router: &matchit::Router<Route>,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let result: Reply = async {
+        let (route, param) = match router.at(&path) {
+            Ok(m) => (*m.value, m.params.iter().next().map(|(_, v)| v.to_string())),
+            Err(_) => return Err(ApiError::not_found(format!("no route {path}"))),
+        };
+        let authorization = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let caller = match route.scope(&method) {
+            Ok(None) => None,
+            Ok(Some(scope)) => Some(state.auth.check(authorization, scope)?),
+            Err(allowed) => {
+                state.auth.authenticate(authorization)?;
+                return Err(ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    format!("{method} is not allowed on {path}; allowed: {allowed}"),
+                ));
+            }
+        };
+        let body = read_body(req).await?;
+        let ctx = Ctx {
+            state,
+            method: method.clone(),
+            caller,
+            param: param.unwrap_or_default(),
+            body,
+        };
+        dispatch(route, ctx).await
+    }
+    .await;
+    match result {
+        Ok((status, body)) => {
+            log::debug!("{method} {path} -> {}", status.as_u16());
+            respond(status, &body)
+        }
+        Err(e) => {
+            log::debug!("{method} {path} -> {}: {}", e.status.as_u16(), e.message);
+            respond(e.status, &e.body())
+        }
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` turns true, then stops accepting and
+/// lets in-flight requests finish (at most `drain` long).
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<ApiState>,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let router = Arc::new(router());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        log::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let state = state.clone();
+                let router = router.clone();
+                let service = service_fn(move |req| {
+                    let state = state.clone();
+                    let router = router.clone();
+                    async move { Ok::<_, Infallible>(handle(&state, &router, req).await) }
+                });
+                let conn = http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(30))
+                    .serve_connection(TokioIo::new(stream), service);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        log::debug!("connection from {peer}: {e}");
+                    }
+                });
+            }
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        log::warn!("in-flight requests did not finish within {drain:?}; closing them");
+    }
+}
+
+/// The address a listener is bound to, for logs.
+pub fn local_addr(listener: &TcpListener) -> Option<SocketAddr> {
+    listener.local_addr().ok()
+}

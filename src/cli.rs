@@ -1,0 +1,438 @@
+//! The command line: `serve` runs the daemon; the other verbs are a client of the admin
+//! API that print its JSON (compact, for `jq`) or a table (`-o table`).
+//!
+//! Verbs mirror what operators know: `create|get|delete` take a singular noun and `list`
+//! the plural; each also accepts the other form.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::Value;
+
+use crate::config::Config;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "keyexportd",
+    version,
+    about = "Per-session data keys, rotated and exported"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon (built-in defaults when no --config is given).
+    Serve {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Write a new master key (a Tink JSON AES256_GCM keyset) to FILE, mode 0600.
+    GenerateMasterKey { file: PathBuf },
+    /// Create a resource.
+    Create {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        what: CreateWhat,
+    },
+    /// List resources.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+        kind: Kind,
+    },
+    /// Show one resource.
+    Get {
+        #[command(flatten)]
+        client: ClientArgs,
+        kind: Kind,
+        name: String,
+    },
+    /// Delete one resource.
+    Delete {
+        #[command(flatten)]
+        client: ClientArgs,
+        kind: Kind,
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CreateWhat {
+    /// Create a stream.
+    #[command(alias = "streams")]
+    Stream {
+        name: String,
+        /// Key rotation period, e.g. 24h (default: keys.rotation of the daemon).
+        #[arg(long)]
+        key_rotation: Option<String>,
+    },
+}
+
+/// Resource kinds, singular or plural.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Kind {
+    #[value(alias = "streams")]
+    Stream,
+}
+
+impl Kind {
+    fn collection(self) -> &'static str {
+        match self {
+            Kind::Stream => "streams",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, Default, PartialEq, Eq)]
+pub enum Output {
+    #[default]
+    Json,
+    Table,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// Admin API address (default: server.listen of --config, else 127.0.0.1:8750).
+    #[arg(long, global = true)]
+    api_host: Option<String>,
+    /// Token file (default: admin.token in the daemon's data directory).
+    #[arg(long, global = true, env = "KEYEXPORTD_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// The daemon's config file, to find its address and data directory.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Json)]
+    output: Output,
+}
+
+/// A connection to the admin API.
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+    output: Output,
+}
+
+impl Client {
+    fn new(args: &ClientArgs) -> Result<Client, String> {
+        let config = Config::load(args.config.as_deref()).map_err(|e| e.to_string())?;
+        let host = args
+            .api_host
+            .clone()
+            .unwrap_or(config.server.listen.clone());
+        let base = if host.starts_with("http://") || host.starts_with("https://") {
+            host.trim_end_matches('/').to_string()
+        } else {
+            format!("http://{host}")
+        };
+        let token_file = args.token_file.clone().unwrap_or_else(|| {
+            config
+                .storage
+                .data_dir
+                .join(crate::daemon::ADMIN_TOKEN_FILE)
+        });
+        let token = std::fs::read_to_string(&token_file)
+            .map_err(|e| {
+                format!(
+                    "cannot read the token file {} ({e}); pass --token-file",
+                    token_file.display()
+                )
+            })?
+            .trim()
+            .to_string();
+        Ok(Client {
+            http: reqwest::Client::new(),
+            base,
+            token,
+            output: args.output,
+        })
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, String> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| format!("cannot reach the daemon at {}: {e}", self.base))?;
+        let status = resp.status();
+        let value: Value = resp
+            .json()
+            .await
+            .map_err(|e| format!("unreadable answer from the daemon ({status}): {e}"))?;
+        if status.is_success() {
+            Ok(value)
+        } else {
+            let message = value["error"]["message"]
+                .as_str()
+                .unwrap_or("unknown error");
+            Err(format!("{} ({})", message, status.as_u16()))
+        }
+    }
+
+    fn print(&self, value: &Value) {
+        match self.output {
+            Output::Json => println!("{value}"),
+            Output::Table => print!("{}", table(value)),
+        }
+    }
+}
+
+/// Flattens one resource into (column, cell) pairs; `ref` becomes its `name`.
+fn flatten(prefix: &str, value: &Value, out: &mut Vec<(String, String)>) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                if k == "ref" && prefix.is_empty() {
+                    if let Some(name) = v.get("name").and_then(Value::as_str) {
+                        out.push(("name".into(), name.to_string()));
+                    }
+                    continue;
+                }
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        Value::String(s) => out.push((prefix.to_string(), s.clone())),
+        Value::Null => out.push((prefix.to_string(), String::new())),
+        other => out.push((prefix.to_string(), other.to_string())),
+    }
+}
+
+/// Renders a list answer (`{"things":[...]}`), a wrapped resource or a bare one as an
+/// aligned text table.
+pub fn table(value: &Value) -> String {
+    let items: Vec<&Value> = match value {
+        Value::Object(map) if map.len() == 1 => match map.values().next() {
+            Some(Value::Array(a)) => a.iter().collect(),
+            Some(inner @ Value::Object(_)) => vec![inner],
+            _ => vec![value],
+        },
+        _ => vec![value],
+    };
+    let rows: Vec<Vec<(String, String)>> = items
+        .iter()
+        .map(|item| {
+            // List entries may wrap the resource once more ({"sink":{..}}).
+            let item = match item {
+                Value::Object(m) if m.len() == 1 && m.values().all(Value::is_object) => {
+                    m.values().next().unwrap_or(item)
+                }
+                _ => item,
+            };
+            let mut cells = Vec::new();
+            flatten("", item, &mut cells);
+            cells
+        })
+        .collect();
+    let mut columns: Vec<String> = Vec::new();
+    for row in &rows {
+        for (c, _) in row {
+            if !columns.contains(c) {
+                columns.push(c.clone());
+            }
+        }
+    }
+    let grid: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| {
+            columns
+                .iter()
+                .map(|c| {
+                    row.iter()
+                        .find(|(k, _)| k == c)
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default()
+                })
+                .collect()
+        })
+        .collect();
+    let headers: Vec<String> = columns.iter().map(|c| c.to_uppercase()).collect();
+    let widths: Vec<usize> = (0..columns.len())
+        .map(|i| {
+            grid.iter()
+                .map(|r| r[i].chars().count())
+                .chain([headers[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: &[String]| {
+        let mut s = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        s.truncate(s.trim_end().len());
+        s.push('\n');
+        s
+    };
+    let mut out = line(&headers);
+    for row in &grid {
+        out.push_str(&line(row));
+    }
+    out
+}
+
+async fn client_command(command: Command) -> Result<(), String> {
+    use reqwest::Method;
+    match command {
+        Command::Create { client, what } => {
+            let c = Client::new(&client)?;
+            let value = match what {
+                CreateWhat::Stream { name, key_rotation } => {
+                    let mut body = serde_json::json!({ "name": name });
+                    if let Some(r) = key_rotation {
+                        body["keyRotation"] = Value::String(r);
+                    }
+                    c.call(Method::POST, "/v1/streams", Some(body)).await?
+                }
+            };
+            c.print(&value);
+        }
+        Command::List { client, kind } => {
+            let c = Client::new(&client)?;
+            let value = c
+                .call(Method::GET, &format!("/v1/{}", kind.collection()), None)
+                .await?;
+            c.print(&value);
+        }
+        Command::Get { client, kind, name } => {
+            let c = Client::new(&client)?;
+            let value = c
+                .call(
+                    Method::GET,
+                    &format!("/v1/{}/{name}", kind.collection()),
+                    None,
+                )
+                .await?;
+            c.print(&value);
+        }
+        Command::Delete { client, kind, name } => {
+            let c = Client::new(&client)?;
+            let value = c
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/{}/{name}", kind.collection()),
+                    None,
+                )
+                .await?;
+            c.print(&value);
+        }
+        Command::Serve { .. } | Command::GenerateMasterKey { .. } => {
+            unreachable!("handled by main")
+        }
+    }
+    Ok(())
+}
+
+/// Runs a parsed command line; the process exit code.
+pub fn main(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Serve { config } => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("keyexportd: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(crate::daemon::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    log::error!("{e}");
+                    eprintln!("keyexportd: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::GenerateMasterKey { file } => match crate::daemon::generate_master_key(&file) {
+            Ok(id) => {
+                eprintln!("wrote master key id {id} to {}", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("keyexportd: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        command => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a current-thread runtime builds");
+            match runtime.block_on(client_command(command)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("keyexportd: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_flatten_refs_and_wrappers() {
+        let v = serde_json::json!({"streams":[
+            {"ref":{"billingId":"b","name":"one"},"keyRotation":"24h"},
+            {"ref":{"billingId":"b","name":"two"},"keyRotation":"1h"}
+        ]});
+        let t = table(&v);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "NAME  KEYROTATION");
+        assert_eq!(lines[1], "one   24h");
+        assert_eq!(lines[2], "two   1h");
+        let wrapped =
+            serde_json::json!({"sinks":[{"sink":{"name":"s3","bucket":{"bucketName":"b"}}}]});
+        assert!(table(&wrapped).contains("BUCKET.BUCKETNAME"));
+    }
+
+    #[test]
+    fn kinds_take_both_forms() {
+        let cli = Cli::try_parse_from(["keyexportd", "list", "streams"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::List {
+                kind: Kind::Stream,
+                ..
+            }
+        ));
+        let cli = Cli::try_parse_from(["keyexportd", "get", "stream", "x", "-o", "table"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Get {
+                kind: Kind::Stream,
+                ..
+            }
+        ));
+    }
+}

@@ -1,0 +1,363 @@
+//! The daemon: configuration, the data directory, the master key, wiring of the layers,
+//! the background tasks, signals and an orderly shutdown.
+//!
+//! One `watch` channel is the shutdown signal: SIGTERM or SIGINT set it, the API stops
+//! accepting and drains, every background task returns, and the store is flushed last.
+
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use tokio::sync::watch;
+
+use crate::api::{self, ApiState};
+use crate::auth::Auth;
+use crate::config::{Config, ConfigError};
+use crate::crypto::MasterKey;
+use crate::keys::{Keys, KeysSettings};
+use crate::store::Store;
+
+/// Name of the admin token file in the data directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+const MASTER_KEY_FILE: &str = "master.key";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Startup(String),
+}
+
+fn startup(message: impl Into<String>) -> DaemonError {
+    DaemonError::Startup(message.into())
+}
+
+// ---------------------------------------------------------------------------------------
+// Logging
+// ---------------------------------------------------------------------------------------
+
+/// env_logger behind a lock, so SIGHUP can swap in a new filter.
+struct ReloadableLogger {
+    inner: RwLock<env_logger::Logger>,
+}
+
+impl log::Log for ReloadableLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        self.inner
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .enabled(metadata)
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        self.inner
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .log(record)
+    }
+    fn flush(&self) {}
+}
+
+static LOGGER: OnceLock<ReloadableLogger> = OnceLock::new();
+
+fn build_logger(spec: &str) -> env_logger::Logger {
+    env_logger::Builder::new()
+        .parse_filters(spec)
+        .format_timestamp_millis()
+        .target(env_logger::Target::Stderr)
+        .build()
+}
+
+/// The filter in force: `RUST_LOG` when set, else the config's `log.level`.
+fn log_spec(config: &Config) -> String {
+    std::env::var("RUST_LOG").unwrap_or_else(|_| config.log.level.clone())
+}
+
+/// Installs the logger (once per process) or swaps its filter.
+pub fn set_log_filter(spec: &str) {
+    let logger = build_logger(spec);
+    let max = logger.filter();
+    match LOGGER.get() {
+        Some(l) => *l.inner.write().unwrap_or_else(|e| e.into_inner()) = logger,
+        None => {
+            let l = LOGGER.get_or_init(|| ReloadableLogger {
+                inner: RwLock::new(logger),
+            });
+            let _ = log::set_logger(l);
+        }
+    }
+    log::set_max_level(max);
+}
+
+// ---------------------------------------------------------------------------------------
+// Data directory and master key
+// ---------------------------------------------------------------------------------------
+
+fn prepare_data_dir(dir: &Path) -> Result<(), DaemonError> {
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| {
+                startup(format!(
+                    "cannot create storage.data_dir {}: {e}",
+                    dir.display()
+                ))
+            })?;
+        log::info!("created data directory {}", dir.display());
+    }
+    let meta = std::fs::metadata(dir).map_err(|e| {
+        startup(format!(
+            "cannot read storage.data_dir {}: {e}",
+            dir.display()
+        ))
+    })?;
+    if !meta.is_dir() {
+        return Err(startup(format!(
+            "storage.data_dir {} is not a directory",
+            dir.display()
+        )));
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        log::warn!(
+            "data directory {} is accessible by other users (mode {:o}); chmod 700 it",
+            dir.display(),
+            meta.permissions().mode() & 0o777
+        );
+    }
+    Ok(())
+}
+
+fn read_master_key(path: &Path, source: &str) -> Result<MasterKey, DaemonError> {
+    let text = std::fs::read(path).map_err(|e| {
+        startup(format!(
+            "cannot read the master key {} ({source}): {e}",
+            path.display()
+        ))
+    })?;
+    let key = MasterKey::from_json(&text)
+        .map_err(|e| startup(format!("master key {} ({source}): {e}", path.display())))?;
+    log::info!(
+        "master key id {} loaded from {} ({source})",
+        key.key_id(),
+        path.display()
+    );
+    Ok(key)
+}
+
+/// `security.master_key_file`, else `$CREDENTIALS_DIRECTORY/master.key`, else
+/// `<data_dir>/master.key`, generated only for a new data directory.
+fn load_master_key(config: &Config, db_exists: bool) -> Result<MasterKey, DaemonError> {
+    if let Some(path) = &config.security.master_key_file {
+        return read_master_key(path, "security.master_key_file");
+    }
+    if let Ok(dir) = std::env::var("CREDENTIALS_DIRECTORY") {
+        let path = PathBuf::from(dir).join(MASTER_KEY_FILE);
+        if path.exists() {
+            return read_master_key(&path, "systemd credential");
+        }
+    }
+    let path = config.storage.data_dir.join(MASTER_KEY_FILE);
+    if path.exists() {
+        return read_master_key(&path, "data directory");
+    }
+    if db_exists {
+        return Err(startup(format!(
+            "no master key found, but {} holds keys wrapped by one: set \
+             security.master_key_file, pass it as the systemd credential 'master.key', or put \
+             it back at {}",
+            config.storage.data_dir.display(),
+            path.display()
+        )));
+    }
+    let key = MasterKey::generate().map_err(|e| startup(e.to_string()))?;
+    let json = key.to_json().map_err(|e| startup(e.to_string()))?;
+    crate::auth::write_secret_file(&path, &json)
+        .map_err(|e| startup(format!("cannot write {}: {e}", path.display())))?;
+    log::warn!(
+        "generated a new master key at {} (id {}): back it up apart from the data directory; \
+         in production provide it with security.master_key_file or systemd LoadCredential=",
+        path.display(),
+        key.key_id()
+    );
+    Ok(key)
+}
+
+/// Writes a fresh master key to `path` (for `keyexportd generate-master-key`).
+pub fn generate_master_key(path: &Path) -> Result<u32, String> {
+    if path.exists() {
+        return Err(format!(
+            "{} exists; refusing to overwrite a master key",
+            path.display()
+        ));
+    }
+    let key = MasterKey::generate().map_err(|e| e.to_string())?;
+    let json = key.to_json().map_err(|e| e.to_string())?;
+    crate::auth::write_secret_file(path, &json).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(key.key_id())
+}
+
+// ---------------------------------------------------------------------------------------
+// Running
+// ---------------------------------------------------------------------------------------
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
+    // Every file the daemon creates (database, keys, tokens, exports) is private.
+    // SAFETY: umask only changes the process's file-creation mask.
+    unsafe { libc::umask(0o077) };
+    let config = Config::load(config_path.as_deref())?;
+    set_log_filter(&log_spec(&config));
+    let listen = config.listen_addr()?;
+    let data_dir = config.storage.data_dir.clone();
+    prepare_data_dir(&data_dir)?;
+
+    let db_dir = data_dir.join("db");
+    let master = Arc::new(load_master_key(&config, db_dir.exists())?);
+    let store = Store::open(&db_dir, config.storage.cache_capacity_mb << 20).map_err(|e| {
+        let text = e.to_string();
+        if text.contains("lock") || text.contains("WouldBlock") {
+            startup(format!(
+                "the data directory {} is in use by another keyexportd (its database is locked)",
+                data_dir.display()
+            ))
+        } else {
+            startup(format!(
+                "cannot open the database in {}: {text}",
+                db_dir.display()
+            ))
+        }
+    })?;
+    let store = Arc::new(store);
+    let keys = Keys::open(
+        store.clone(),
+        master,
+        KeysSettings {
+            default_rotation: config.keys.rotation,
+            grace: config.keys.grace,
+            stream_retention: config.keys.stream_retention,
+        },
+    )
+    .map_err(|e| startup(e.to_string()))?;
+    let keys = Arc::new(keys);
+    let auth = Arc::new(
+        Auth::open(store.clone(), &data_dir.join(ADMIN_TOKEN_FILE))
+            .map_err(|e| startup(e.to_string()))?,
+    );
+
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| startup(format!("cannot listen on {listen} (server.listen): {e}")))?;
+    let bound = api::local_addr(&listener).unwrap_or(listen);
+    log::info!(
+        "keyexportd {} listening on {bound}; admin token in {}",
+        env!("CARGO_PKG_VERSION"),
+        data_dir.join(ADMIN_TOKEN_FILE).display()
+    );
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let signals = tokio::spawn(handle_signals(
+        config_path.clone(),
+        config.clone(),
+        auth.clone(),
+        shutdown_tx,
+    ));
+    let janitor = tokio::spawn(run_janitor(
+        keys.clone(),
+        Duration::from_secs(config.keys.purge_interval.0),
+        shutdown_rx.clone(),
+    ));
+
+    let state = Arc::new(ApiState {
+        keys: keys.clone(),
+        auth,
+        account: config.account.clone(),
+    });
+    api::serve(
+        listener,
+        state,
+        shutdown_rx,
+        config.export.shutdown_timeout.as_duration(),
+    )
+    .await;
+
+    let _ = janitor.await;
+    signals.abort();
+    store
+        .close()
+        .map_err(|e| startup(format!("final flush of the database failed: {e}")))?;
+    log::info!("stopped cleanly");
+    Ok(())
+}
+
+/// SIGTERM/SIGINT start the shutdown; SIGHUP re-reads the config's live parts.
+async fn handle_signals(
+    config_path: Option<PathBuf>,
+    mut current: Config,
+    auth: Arc<Auth>,
+    shutdown: watch::Sender<bool>,
+) {
+    let mut signals = match signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("cannot install signal handlers: {e}");
+            return;
+        }
+    };
+    while let Some(signal) = signals.next().await {
+        match signal {
+            SIGHUP => {
+                log::info!("SIGHUP: reloading the configuration");
+                match Config::load(config_path.as_deref()) {
+                    Ok(new) => {
+                        if std::env::var_os("RUST_LOG").is_some() {
+                            log::info!(
+                                "RUST_LOG is set and keeps the log filter; log.level ignored"
+                            );
+                        } else if new.log.level != current.log.level {
+                            set_log_filter(&new.log.level);
+                            log::info!(
+                                "log.level changed from '{}' to '{}'",
+                                current.log.level,
+                                new.log.level
+                            );
+                        } else {
+                            log::info!("log.level unchanged ('{}')", new.log.level);
+                        }
+                        if let Err(e) = auth.reload() {
+                            log::error!("reloading tokens failed: {e}");
+                        }
+                        current = new;
+                    }
+                    Err(e) => log::error!("SIGHUP: config not reloaded, keeping the old one: {e}"),
+                }
+            }
+            _ => {
+                log::info!("signal {signal}: shutting down");
+                let _ = shutdown.send(true);
+            }
+        }
+    }
+}
+
+/// Purges expired keys and trims key streams every `every`, off the async workers.
+async fn run_janitor(keys: Arc<Keys>, every: Duration, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let k = keys.clone();
+        match tokio::task::spawn_blocking(move || k.maintain()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => log::warn!("key maintenance failed, will retry: {e}"),
+            Err(e) => log::error!("key maintenance panicked: {e}"),
+        }
+    }
+}

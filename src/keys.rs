@@ -1,0 +1,773 @@
+//! The keys domain: streams, get-or-create of the current key for a `keyField`,
+//! rotation, encryption and decryption, the key stream that exporters read, and the
+//! janitor that purges expired keys and trims key streams.
+//!
+//! Two promises live here:
+//! - *Durable before answered.* A request that creates a key waits for the group commit
+//!   before it returns the keyLink; a concurrent request that finds the same not yet
+//!   durable key waits for the same commit (the `pending` map records its ticket).
+//! - *One key per `keyField` and rotation period.* Creation re-checks the current-key
+//!   pointer under a stripe lock chosen by the keyed hash, so 200 simultaneous requests
+//!   for a new `keyField` write one key. Key material is generated outside the lock.
+//!
+//! A stream's key stream is appended under that stream's `next_seq` lock, so entries
+//! appear in sequence order and a reader that sees entry N has seen every entry before.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use crate::crypto::{self, CryptoError, KeysetBytes, MasterKey};
+use crate::duration::{Seconds, now_millis};
+use crate::store::{
+    CurrentKey, KeyRecord, KeyState, LogEntry, NewKey, Store, StoreError, StreamRecord, Table,
+    Ticket,
+};
+
+/// Stripes of the creation lock; a power of two.
+const STRIPES: usize = 1024;
+
+const META_HMAC_SECRET: &[u8] = b"hmac_secret";
+const META_MASTER_KEY_ID: &[u8] = b"master_key_id";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeysError {
+    #[error("stream '{0}' not found")]
+    StreamNotFound(String),
+    #[error("stream '{0}' already exists")]
+    StreamExists(String),
+    #[error("keyLink {0} not found")]
+    KeyNotFound(Uuid),
+    #[error("the key of keyLink {0} has expired and was purged; it can no longer be used")]
+    KeyGone(Uuid),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("values.{0}: not a ciphertext of this key (was it encrypted under another keyLink?)")]
+    BadCiphertext(String),
+    #[error("values.{0}: decrypts to bytes that are not UTF-8 text")]
+    NotText(String),
+    #[error(
+        "the master key does not match this data directory: {0}. Start with the master key \
+         the data directory was created with; nothing was changed"
+    )]
+    WrongMasterKey(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("key material: {0}")]
+    Crypto(#[from] CryptoError),
+}
+
+pub type Result<T> = std::result::Result<T, KeysError>;
+
+/// Settings from `[keys]` of the config.
+#[derive(Clone, Debug)]
+pub struct KeysSettings {
+    pub default_rotation: Seconds,
+    pub grace: Seconds,
+    pub stream_retention: Seconds,
+}
+
+/// A stream and its key stream's append position.
+pub struct KeyStream {
+    pub record: StreamRecord,
+    /// Next sequence number, held while a key is appended so entries land in order.
+    next_seq: Mutex<u64>,
+    /// Set under `next_seq` when the stream is deleted: late writers must not append.
+    deleted: AtomicBool,
+}
+
+/// A key as handed out: what `POST /v1/streams/{name}/keys` answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IssuedKey {
+    pub key_link: Uuid,
+    pub created_at: u64,
+    pub rotates_at: u64,
+    /// Where the keyset lives in the key stream.
+    key_stream_id: Uuid,
+    seq: u64,
+}
+
+/// Metadata of a live key: what `GET /v1/keys/{keyLink}` answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyInfo {
+    pub key_link: Uuid,
+    pub stream: String,
+    pub created_at: u64,
+    pub rotates_at: u64,
+    pub expires_at: u64,
+}
+
+/// A key stream entry as an exporter writes it.
+#[derive(Clone, Debug)]
+pub struct StreamKey {
+    pub seq: u64,
+    pub key_link: Uuid,
+    pub created_at: u64,
+    pub keyset: KeysetBytes,
+}
+
+/// Counters the metrics endpoint reads.
+#[derive(Default, Debug)]
+pub struct KeyCounters {
+    pub created: AtomicU64,
+    pub purged: AtomicU64,
+    pub trimmed: AtomicU64,
+}
+
+/// What a creation in progress is waiting for, by (key stream, keyed hash).
+type Pending = HashMap<(Uuid, [u8; 32]), Ticket>;
+
+pub struct Keys {
+    store: Arc<Store>,
+    master: Arc<MasterKey>,
+    /// HMAC key for `keyField` values, unique per install, stored wrapped.
+    field_secret: Zeroizing<Vec<u8>>,
+    settings: KeysSettings,
+    streams: RwLock<HashMap<String, Arc<KeyStream>>>,
+    /// Creations not yet durable, striped by keyed hash; also the creation lock.
+    stripes: Vec<Mutex<Pending>>,
+    pub counters: KeyCounters,
+}
+
+/// The result of looking up or creating a key without waiting for durability.
+struct Resolved {
+    key: CurrentKey,
+    /// Set when the key is not yet known to be on disk.
+    wait: Option<(usize, [u8; 32], Ticket)>,
+}
+
+impl Keys {
+    /// Opens the keys domain over `store`. On a new store it creates the install's
+    /// `keyField` secret; on an existing one it proves that `master` unwraps it, and
+    /// refuses to run otherwise.
+    pub fn open(store: Arc<Store>, master: Arc<MasterKey>, settings: KeysSettings) -> Result<Keys> {
+        let field_secret = match store.get_raw(Table::Meta, META_HMAC_SECRET)? {
+            Some(wrapped) => master
+                .unwrap(&wrapped, crypto::AD_HMAC_SECRET)
+                .map_err(|_| {
+                    let created_with = store
+                        .get_raw(Table::Meta, META_MASTER_KEY_ID)
+                        .ok()
+                        .flatten()
+                        .and_then(|b| <[u8; 4]>::try_from(b.as_slice()).ok())
+                        .map(u32::from_be_bytes);
+                    KeysError::WrongMasterKey(match created_with {
+                        Some(id) => format!(
+                            "it was created with master key id {id}, the loaded key has id {}",
+                            master.key_id()
+                        ),
+                        None => format!("the loaded key (id {}) cannot unwrap it", master.key_id()),
+                    })
+                })?,
+            None => {
+                let secret = crypto::random_bytes(32);
+                let wrapped = master.wrap(&secret, crypto::AD_HMAC_SECRET)?;
+                store.put_raw(
+                    Table::Meta,
+                    META_MASTER_KEY_ID,
+                    &master.key_id().to_be_bytes(),
+                )?;
+                store.put_raw(Table::Meta, META_HMAC_SECRET, &wrapped)?;
+                secret
+            }
+        };
+        let mut streams = HashMap::new();
+        for record in store.streams()? {
+            let next = store.last_seq(record.key_stream_id)?.map_or(0, |s| s + 1);
+            streams.insert(
+                record.name.clone(),
+                Arc::new(KeyStream {
+                    record,
+                    next_seq: Mutex::new(next),
+                    deleted: AtomicBool::new(false),
+                }),
+            );
+        }
+        Ok(Keys {
+            store,
+            master,
+            field_secret,
+            settings,
+            streams: RwLock::new(streams),
+            stripes: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
+            counters: KeyCounters::default(),
+        })
+    }
+
+    pub fn settings(&self) -> &KeysSettings {
+        &self.settings
+    }
+
+    // --- streams -------------------------------------------------------------------
+
+    pub fn stream(&self, name: &str) -> Result<Arc<KeyStream>> {
+        self.streams
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+            .ok_or_else(|| KeysError::StreamNotFound(name.to_string()))
+    }
+
+    pub fn streams(&self) -> Vec<StreamRecord> {
+        let mut list: Vec<StreamRecord> = self
+            .streams
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|s| s.record.clone())
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+
+    pub async fn create_stream(
+        &self,
+        name: &str,
+        rotation: Option<Seconds>,
+    ) -> Result<StreamRecord> {
+        crate::names::validate("stream", name).map_err(KeysError::Invalid)?;
+        let rotation = rotation.unwrap_or(self.settings.default_rotation);
+        if rotation.0 == 0 {
+            return Err(KeysError::Invalid("keyRotation must be at least 1s".into()));
+        }
+        if rotation > self.settings.stream_retention {
+            return Err(KeysError::Invalid(format!(
+                "keyRotation {rotation} is longer than keys.stream_retention ({}): keys would \
+                 leave the key stream while still in use and could not be exported",
+                self.settings.stream_retention
+            )));
+        }
+        let record = StreamRecord {
+            name: name.to_string(),
+            key_rotation_secs: rotation.0,
+            key_stream_id: Uuid::new_v4(),
+            created_at: now_millis(),
+        };
+        {
+            let mut streams = self.streams.write().unwrap_or_else(|e| e.into_inner());
+            if streams.contains_key(name) || !self.store.insert_stream(&record)? {
+                return Err(KeysError::StreamExists(name.to_string()));
+            }
+            streams.insert(
+                name.to_string(),
+                Arc::new(KeyStream {
+                    record: record.clone(),
+                    next_seq: Mutex::new(0),
+                    deleted: AtomicBool::new(false),
+                }),
+            );
+        }
+        self.store.sync().await?;
+        Ok(record)
+    }
+
+    /// Deletes a stream; its keys and key stream are removed by the janitor.
+    pub async fn delete_stream(&self, name: &str) -> Result<()> {
+        {
+            let mut streams = self.streams.write().unwrap_or_else(|e| e.into_inner());
+            let stream = streams
+                .get(name)
+                .cloned()
+                .ok_or_else(|| KeysError::StreamNotFound(name.to_string()))?;
+            let _append = stream.next_seq.lock().unwrap_or_else(|e| e.into_inner());
+            self.store.delete_stream(&stream.record)?;
+            stream.deleted.store(true, Ordering::SeqCst);
+            streams.remove(name);
+        }
+        self.store.sync().await?;
+        Ok(())
+    }
+
+    fn stream_name_of(&self, ksid: Uuid) -> Option<String> {
+        self.streams
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .find(|s| s.record.key_stream_id == ksid)
+            .map(|s| s.record.name.clone())
+    }
+
+    // --- get-or-create ---------------------------------------------------------------
+
+    fn field_hash(&self, ksid: Uuid, key_field: &str) -> [u8; 32] {
+        crypto::keyed_hash(&self.field_secret, &[ksid.as_bytes(), key_field.as_bytes()])
+    }
+
+    fn stripe_of(hash: &[u8; 32]) -> usize {
+        (u16::from_be_bytes([hash[0], hash[1]]) as usize) & (STRIPES - 1)
+    }
+
+    /// Finds the current key of `key_field`, or creates it, without waiting for disk.
+    fn resolve(&self, stream: &KeyStream, key_field: &str) -> Result<Resolved> {
+        if key_field.is_empty() {
+            return Err(KeysError::Invalid("keyField must not be empty".into()));
+        }
+        let ksid = stream.record.key_stream_id;
+        let hash = self.field_hash(ksid, key_field);
+        let stripe = Self::stripe_of(&hash);
+        let mut fresh: Option<(Uuid, Vec<u8>)> = None;
+        loop {
+            {
+                let mut pending = self.stripes[stripe]
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let now = now_millis();
+                if let Some(cur) = self.store.current(ksid, &hash)?
+                    && cur.rotates_at > now
+                {
+                    let wait = pending.get(&(ksid, hash)).map(|t| (stripe, hash, *t));
+                    return Ok(Resolved { key: cur, wait });
+                }
+                if let Some((key_link, wrapped)) = fresh.take() {
+                    let key = self.append(stream, key_link, &wrapped, hash, now)?;
+                    let ticket = self.store.ticket();
+                    pending.insert((ksid, hash), ticket);
+                    return Ok(Resolved {
+                        key,
+                        wait: Some((stripe, hash, ticket)),
+                    });
+                }
+            }
+            // Generate and wrap outside the lock, then look again.
+            let key_link = Uuid::new_v4();
+            let keyset = crypto::new_data_key()?;
+            let wrapped = self.master.wrap(&keyset, key_link.as_bytes())?;
+            fresh = Some((key_link, wrapped));
+        }
+    }
+
+    /// Appends a key to the key stream (and writes its records) under the stream lock.
+    fn append(
+        &self,
+        stream: &KeyStream,
+        key_link: Uuid,
+        wrapped: &[u8],
+        field_hash: [u8; 32],
+        now: u64,
+    ) -> Result<CurrentKey> {
+        let mut next = stream.next_seq.lock().unwrap_or_else(|e| e.into_inner());
+        if stream.deleted.load(Ordering::SeqCst) {
+            return Err(KeysError::StreamNotFound(stream.record.name.clone()));
+        }
+        let rotates_at = now + Seconds(stream.record.key_rotation_secs).as_millis();
+        let record = KeyRecord {
+            key_stream_id: stream.record.key_stream_id,
+            seq: *next,
+            created_at: now,
+            rotates_at,
+            expires_at: rotates_at + self.settings.grace.as_millis(),
+            field_hash,
+            state: KeyState::Live,
+        };
+        self.store.insert_key(&NewKey {
+            record,
+            key_link,
+            wrapped_keyset: wrapped,
+        })?;
+        *next += 1;
+        self.counters.created.fetch_add(1, Ordering::Relaxed);
+        Ok(CurrentKey {
+            key_link,
+            seq: record.seq,
+            created_at: now,
+            rotates_at,
+        })
+    }
+
+    /// Waits until the keys in `waits` are on disk, then forgets their pending entries.
+    /// A failed flush is retried once with a new one before the request fails.
+    async fn settle(&self, ksid: Uuid, waits: &[(usize, [u8; 32], Ticket)]) -> Result<()> {
+        let Some(latest) = waits.iter().map(|w| w.2).max() else {
+            return Ok(());
+        };
+        if self.store.durable(latest).await.is_err() {
+            let retry = self.store.ticket();
+            self.store.durable(retry).await?;
+        }
+        for (stripe, hash, ticket) in waits {
+            let mut pending = self.stripes[*stripe]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if pending.get(&(ksid, *hash)) == Some(ticket) {
+                pending.remove(&(ksid, *hash));
+            }
+        }
+        Ok(())
+    }
+
+    fn issued(stream: &KeyStream, k: CurrentKey) -> IssuedKey {
+        IssuedKey {
+            key_link: k.key_link,
+            created_at: k.created_at,
+            rotates_at: k.rotates_at,
+            key_stream_id: stream.record.key_stream_id,
+            seq: k.seq,
+        }
+    }
+
+    /// The current key of `key_field` in `stream`, created on first use or after
+    /// rotation. Returns once the key is on disk.
+    pub async fn get_or_create(&self, stream: &str, key_field: &str) -> Result<IssuedKey> {
+        let mut keys = self.get_or_create_many(stream, &[key_field]).await?;
+        Ok(keys.pop().expect("one key per field"))
+    }
+
+    /// [`Keys::get_or_create`] for many `keyField`s with one wait for the disk.
+    pub async fn get_or_create_many(
+        &self,
+        stream: &str,
+        key_fields: &[&str],
+    ) -> Result<Vec<IssuedKey>> {
+        let stream = self.stream(stream)?;
+        let mut out = Vec::with_capacity(key_fields.len());
+        let mut waits = Vec::new();
+        for field in key_fields {
+            let r = self.resolve(&stream, field)?;
+            waits.extend(r.wait);
+            out.push(Self::issued(&stream, r.key));
+        }
+        self.settle(stream.record.key_stream_id, &waits).await?;
+        Ok(out)
+    }
+
+    // --- using keys -----------------------------------------------------------------
+
+    fn load_keyset(
+        &self,
+        ksid: Uuid,
+        seq: u64,
+        link: Uuid,
+    ) -> std::result::Result<KeysetBytes, CryptoError> {
+        let entry = self
+            .store
+            .log_entry(ksid, seq)
+            .map_err(|e| CryptoError::Keyset(e.to_string()))?
+            .ok_or_else(|| CryptoError::Keyset("key stream entry missing".into()))?;
+        if entry.key_link != link {
+            return Err(CryptoError::Keyset(
+                "key stream entry of another key".into(),
+            ));
+        }
+        self.master.unwrap(&entry.wrapped_keyset, link.as_bytes())
+    }
+
+    /// Encrypts each value deterministically under `key` (empty associated data).
+    pub fn encrypt(&self, key: &IssuedKey, plaintexts: &[&[u8]]) -> Result<Vec<Vec<u8>>> {
+        let out = crypto::with_daead(
+            *key.key_link.as_bytes(),
+            || self.load_keyset(key.key_stream_id, key.seq, key.key_link),
+            |p| {
+                plaintexts
+                    .iter()
+                    .map(|pt| crypto::encrypt(p, pt))
+                    .collect::<std::result::Result<Vec<_>, _>>()
+            },
+        )??;
+        Ok(out)
+    }
+
+    /// The live record of `link`: 404 when unknown, 410 when expired or purged.
+    fn live(&self, link: Uuid) -> Result<KeyRecord> {
+        match self.store.key(link)? {
+            None => Err(KeysError::KeyNotFound(link)),
+            Some(r) if r.state == KeyState::Purged || r.expires_at <= now_millis() => {
+                Err(KeysError::KeyGone(link))
+            }
+            Some(r) => Ok(r),
+        }
+    }
+
+    /// Decrypts named ciphertexts with the key of `link`, as UTF-8 text.
+    pub fn decrypt(&self, link: Uuid, values: &[(&str, &[u8])]) -> Result<Vec<String>> {
+        let r = self.live(link)?;
+        let results = crypto::with_daead(
+            *link.as_bytes(),
+            || self.load_keyset(r.key_stream_id, r.seq, link),
+            |p| {
+                values
+                    .iter()
+                    .map(|(name, ct)| crypto::decrypt(p, ct).map_err(|_| name.to_string()))
+                    .collect::<Vec<_>>()
+            },
+        )?;
+        results
+            .into_iter()
+            .zip(values)
+            .map(|(r, (name, _))| {
+                let bytes = r.map_err(KeysError::BadCiphertext)?;
+                String::from_utf8(bytes).map_err(|_| KeysError::NotText(name.to_string()))
+            })
+            .collect()
+    }
+
+    /// Metadata of a live key; purged keys are not found.
+    pub fn key_info(&self, link: Uuid) -> Result<KeyInfo> {
+        let r = match self.live(link) {
+            Err(KeysError::KeyGone(l)) => return Err(KeysError::KeyNotFound(l)),
+            other => other?,
+        };
+        let stream = self
+            .stream_name_of(r.key_stream_id)
+            .ok_or(KeysError::KeyNotFound(link))?;
+        Ok(KeyInfo {
+            key_link: link,
+            stream,
+            created_at: r.created_at,
+            rotates_at: r.rotates_at,
+            expires_at: r.expires_at,
+        })
+    }
+
+    /// The cleartext keyset of a live key, as Tink JSON.
+    pub fn export_keyset(&self, link: Uuid) -> Result<serde_json::Value> {
+        let r = self.live(link)?;
+        let keyset = self.load_keyset(r.key_stream_id, r.seq, link)?;
+        Ok(crypto::keyset_json(&keyset)?)
+    }
+
+    // --- key stream, for exporters -----------------------------------------------------
+
+    /// The sequence number of the newest entry of a key stream that is on disk, if any.
+    pub async fn durable_head(&self, stream: &KeyStream) -> Result<Option<u64>> {
+        let next = *stream.next_seq.lock().unwrap_or_else(|e| e.into_inner());
+        self.store.sync().await?;
+        Ok(next.checked_sub(1))
+    }
+
+    /// The oldest sequence number still in the key stream, if any.
+    pub fn oldest_seq(&self, stream: &KeyStream) -> Result<Option<u64>> {
+        Ok(self.store.first_seq(stream.record.key_stream_id)?)
+    }
+
+    /// Entries `from..=to` created within the retention window, unwrapped. Entries
+    /// older than `keys.stream_retention` are skipped: they are never exported.
+    pub fn read_stream(
+        &self,
+        stream: &KeyStream,
+        from: u64,
+        to: u64,
+        limit: usize,
+    ) -> Result<Vec<StreamKey>> {
+        let cutoff = now_millis().saturating_sub(self.settings.stream_retention.as_millis());
+        let entries: Vec<LogEntry> =
+            self.store
+                .log_range(stream.record.key_stream_id, from, to, limit)?;
+        entries
+            .into_iter()
+            .filter(|e| e.created_at >= cutoff)
+            .map(|e| {
+                let keyset = self
+                    .master
+                    .unwrap(&e.wrapped_keyset, e.key_link.as_bytes())?;
+                Ok(StreamKey {
+                    seq: e.seq,
+                    key_link: e.key_link,
+                    created_at: e.created_at,
+                    keyset,
+                })
+            })
+            .collect()
+    }
+
+    /// Number of entries from `from` on (pending keys of an exporter).
+    pub fn count_from(&self, stream: &KeyStream, from: u64) -> Result<u64> {
+        Ok(self.store.log_len(stream.record.key_stream_id, from)?)
+    }
+
+    // --- janitor --------------------------------------------------------------------
+
+    /// One round of maintenance: purge expired keys, trim key streams past retention,
+    /// and remove the data of deleted streams. Blocking; run it off the async workers.
+    pub fn maintain(&self) -> Result<()> {
+        const BATCH: usize = 10_000;
+        let now = now_millis();
+        loop {
+            let expired = self.store.expired(now, BATCH)?;
+            for (expires_at, link) in &expired {
+                self.store.purge_key(*expires_at, *link)?;
+            }
+            self.counters
+                .purged
+                .fetch_add(expired.len() as u64, Ordering::Relaxed);
+            if expired.len() < BATCH {
+                break;
+            }
+        }
+        let cutoff = now.saturating_sub(self.settings.stream_retention.as_millis());
+        let ksids: Vec<Uuid> = self
+            .streams
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|s| s.record.key_stream_id)
+            .collect();
+        for ksid in ksids {
+            loop {
+                let n = self.store.trim_log(ksid, cutoff, BATCH)?;
+                self.counters.trimmed.fetch_add(n as u64, Ordering::Relaxed);
+                if n < BATCH {
+                    break;
+                }
+            }
+        }
+        for ksid in self.store.deleted_streams()? {
+            while self.store.remove_deleted_stream_data(ksid, BATCH)? > 0 {}
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> KeysSettings {
+        KeysSettings {
+            default_rotation: Seconds(3600),
+            grace: Seconds(1),
+            stream_retention: Seconds(7 * 24 * 3600),
+        }
+    }
+
+    fn open(dir: &std::path::Path, master: Arc<MasterKey>) -> Result<Keys> {
+        let store = Arc::new(Store::open(&dir.join("db"), 8 << 20).unwrap());
+        Keys::open(store, master, settings())
+    }
+
+    #[tokio::test]
+    async fn get_or_create_is_stable_and_distinct() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = open(dir.path(), Arc::new(MasterKey::generate().unwrap())).unwrap();
+        keys.create_stream("s", None).await.unwrap();
+        let a = keys.get_or_create("s", "session-1").await.unwrap();
+        let b = keys.get_or_create("s", "session-1").await.unwrap();
+        let c = keys.get_or_create("s", "session-2").await.unwrap();
+        assert_eq!(a.key_link, b.key_link);
+        assert_ne!(a.key_link, c.key_link);
+        assert!(matches!(
+            keys.get_or_create("nope", "x").await,
+            Err(KeysError::StreamNotFound(_))
+        ));
+        assert!(matches!(
+            keys.get_or_create("s", "").await,
+            Err(KeysError::Invalid(_))
+        ));
+        let ct = keys.encrypt(&a, &[b"a@b.example"]).unwrap();
+        let pt = keys.decrypt(a.key_link, &[("email", &ct[0])]).unwrap();
+        assert_eq!(pt, vec!["a@b.example".to_string()]);
+        assert!(matches!(
+            keys.decrypt(c.key_link, &[("email", &ct[0])]),
+            Err(KeysError::BadCiphertext(f)) if f == "email"
+        ));
+        let json = keys.export_keyset(a.key_link).unwrap();
+        assert_eq!(json["key"][0]["outputPrefixType"], "TINK");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_requests_create_one_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Arc::new(open(dir.path(), Arc::new(MasterKey::generate().unwrap())).unwrap());
+        keys.create_stream("s", None).await.unwrap();
+        let tasks: Vec<_> = (0..200)
+            .map(|_| {
+                let keys = keys.clone();
+                tokio::spawn(async move { keys.get_or_create("s", "same").await.unwrap().key_link })
+            })
+            .collect();
+        let mut links = std::collections::HashSet::new();
+        for t in tasks {
+            links.insert(t.await.unwrap());
+        }
+        assert_eq!(links.len(), 1);
+        assert_eq!(keys.counters.created.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn wrong_master_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let keys = open(dir.path(), Arc::new(MasterKey::generate().unwrap())).unwrap();
+            keys.create_stream("s", None).await.unwrap();
+        }
+        let err = open(dir.path(), Arc::new(MasterKey::generate().unwrap()))
+            .err()
+            .unwrap();
+        assert!(matches!(err, KeysError::WrongMasterKey(_)), "{err}");
+        assert!(err.to_string().contains("master key id"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn rotation_purge_and_key_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = open(dir.path(), Arc::new(MasterKey::generate().unwrap())).unwrap();
+        keys.create_stream("s", Some(Seconds(1))).await.unwrap();
+        let a = keys.get_or_create("s", "f").await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        let b = keys.get_or_create("s", "f").await.unwrap();
+        assert_ne!(a.key_link, b.key_link, "rotated");
+        let stream = keys.stream("s").unwrap();
+        assert_eq!(keys.durable_head(&stream).await.unwrap(), Some(1));
+        let entries = keys.read_stream(&stream, 0, 1, 10).unwrap();
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0].key_link, a.key_link);
+        // a expires 1s after rotating.
+        tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+        assert!(matches!(
+            keys.decrypt(a.key_link, &[]),
+            Err(KeysError::KeyGone(_))
+        ));
+        keys.maintain().unwrap();
+        assert_eq!(keys.counters.purged.load(Ordering::Relaxed), 1);
+        assert!(matches!(
+            keys.key_info(a.key_link),
+            Err(KeysError::KeyNotFound(_))
+        ));
+        assert!(matches!(
+            keys.decrypt(a.key_link, &[]),
+            Err(KeysError::KeyGone(_))
+        ));
+        assert!(keys.key_info(b.key_link).is_ok());
+    }
+
+    #[tokio::test]
+    async fn stream_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = open(dir.path(), Arc::new(MasterKey::generate().unwrap())).unwrap();
+        assert!(matches!(
+            keys.create_stream("Bad", None).await,
+            Err(KeysError::Invalid(_))
+        ));
+        assert!(matches!(
+            keys.create_stream("s", Some(Seconds(0))).await,
+            Err(KeysError::Invalid(_))
+        ));
+        assert!(matches!(
+            keys.create_stream("s", Some(Seconds(30 * 86400))).await,
+            Err(KeysError::Invalid(_))
+        ));
+        keys.create_stream("s", None).await.unwrap();
+        assert!(matches!(
+            keys.create_stream("s", None).await,
+            Err(KeysError::StreamExists(_))
+        ));
+        let k = keys.get_or_create("s", "f").await.unwrap();
+        keys.delete_stream("s").await.unwrap();
+        assert!(matches!(
+            keys.delete_stream("s").await,
+            Err(KeysError::StreamNotFound(_))
+        ));
+        keys.maintain().unwrap();
+        assert!(matches!(
+            keys.key_info(k.key_link),
+            Err(KeysError::KeyNotFound(_))
+        ));
+        // A new stream of the same name starts afresh.
+        keys.create_stream("s", None).await.unwrap();
+        let k2 = keys.get_or_create("s", "f").await.unwrap();
+        assert_ne!(k.key_link, k2.key_link);
+    }
+}

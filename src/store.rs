@@ -1,0 +1,930 @@
+//! The sled database: trees, typed records, atomic batches and durable commits.
+//!
+//! Everything about one key lives in the `keys` tree under a one-byte prefix, so that a
+//! key, its key stream entry, its current-key pointer and its expiry index entry are
+//! written by one atomic `apply_batch`:
+//!
+//! | prefix | key | value |
+//! |---|---|---|
+//! | `s` | stream name | [`StreamRecord`] (JSON) |
+//! | `d` | key stream id | deleted stream whose data the janitor still has to remove |
+//! | `c` | key stream id, keyed hash of the `keyField` | [`CurrentKey`] |
+//! | `k` | keyLink | [`KeyRecord`] (live, or a tombstone once purged) |
+//! | `l` | key stream id, sequence number (big endian) | [`LogEntry`]: the key stream |
+//! | `x` | expiry (ms, big endian), keyLink | empty: the TTL index the purge walks |
+//!
+//! Other trees hold JSON records for the layers above (`meta`, `tokens`, `sinks`,
+//! `exporters`) and know nothing of their meaning.
+//!
+//! Durability is a [`GroupCommit`]: a writer takes a [`Ticket`] after its write and waits
+//! until a flush that started after the ticket was issued has finished. One flusher
+//! thread serves every waiter that arrived during the previous flush with a single fsync.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+pub const PREFIX_STREAM: u8 = b's';
+pub const PREFIX_DELETED: u8 = b'd';
+pub const PREFIX_CURRENT: u8 = b'c';
+pub const PREFIX_KEY: u8 = b'k';
+pub const PREFIX_LOG: u8 = b'l';
+pub const PREFIX_EXPIRY: u8 = b'x';
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("storage cannot make writes durable: {0}")]
+    Flush(String),
+    #[error("corrupt {what} record in the database: {detail}")]
+    Corrupt { what: &'static str, detail: String },
+}
+
+impl StoreError {
+    /// True when the failure is the disk's (full, read-only, I/O error): the request may
+    /// succeed later, so the API answers 503.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Flush(_) | StoreError::Sled(sled::Error::Io(_))
+        )
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+fn corrupt(what: &'static str, detail: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        what,
+        detail: detail.into(),
+    }
+}
+
+/// The JSON-record trees of the upper layers.
+#[derive(Clone, Copy, Debug)]
+pub enum Table {
+    Meta,
+    Tokens,
+    Sinks,
+    Exporters,
+}
+
+/// A stream as stored. The API renders it; the keys layer keeps it in memory.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamRecord {
+    pub name: String,
+    pub key_rotation_secs: u64,
+    pub key_stream_id: Uuid,
+    pub created_at: u64,
+}
+
+/// The key a `keyField` currently maps to in one stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CurrentKey {
+    pub key_link: Uuid,
+    pub seq: u64,
+    pub created_at: u64,
+    pub rotates_at: u64,
+}
+
+/// Whether a key can still be used, or has been purged and is kept only as a tombstone
+/// (so that decrypt can answer 410 rather than 404) until its key stream entry is trimmed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyState {
+    Live = 1,
+    Purged = 2,
+}
+
+/// One key, by keyLink. The keyset itself lives once, in the key stream entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub key_stream_id: Uuid,
+    pub seq: u64,
+    pub created_at: u64,
+    pub rotates_at: u64,
+    pub expires_at: u64,
+    /// Keyed hash of the `keyField`: lets the purge drop the current-key pointer.
+    pub field_hash: [u8; 32],
+    pub state: KeyState,
+}
+
+/// One entry of a key stream: the key as exporters read it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogEntry {
+    pub seq: u64,
+    pub key_link: Uuid,
+    pub created_at: u64,
+    pub expires_at: u64,
+    /// The keyset proto, wrapped by the master key with the keyLink as associated data.
+    pub wrapped_keyset: Vec<u8>,
+}
+
+/// Everything written when a key is created, in one atomic batch.
+pub struct NewKey<'a> {
+    pub record: KeyRecord,
+    pub key_link: Uuid,
+    pub wrapped_keyset: &'a [u8],
+}
+
+// ---------------------------------------------------------------------------------------
+// Binary layouts
+// ---------------------------------------------------------------------------------------
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn uuid_at(b: &[u8], at: usize) -> Uuid {
+    Uuid::from_bytes(b[at..at + 16].try_into().expect("16 bytes"))
+}
+
+fn key_of(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + parts.iter().map(|p| p.len()).sum::<usize>());
+    k.push(prefix);
+    for p in parts {
+        k.extend_from_slice(p);
+    }
+    k
+}
+
+pub fn current_key(ksid: Uuid, field_hash: &[u8; 32]) -> Vec<u8> {
+    key_of(PREFIX_CURRENT, &[ksid.as_bytes(), field_hash])
+}
+
+fn key_key(link: Uuid) -> Vec<u8> {
+    key_of(PREFIX_KEY, &[link.as_bytes()])
+}
+
+fn log_key(ksid: Uuid, seq: u64) -> Vec<u8> {
+    key_of(PREFIX_LOG, &[ksid.as_bytes(), &seq.to_be_bytes()])
+}
+
+fn expiry_key(expires_at: u64, link: Uuid) -> Vec<u8> {
+    key_of(PREFIX_EXPIRY, &[&expires_at.to_be_bytes(), link.as_bytes()])
+}
+
+fn stream_key(name: &str) -> Vec<u8> {
+    key_of(PREFIX_STREAM, &[name.as_bytes()])
+}
+
+impl CurrentKey {
+    const LEN: usize = 40;
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(Self::LEN);
+        v.extend_from_slice(self.key_link.as_bytes());
+        v.extend_from_slice(&self.seq.to_be_bytes());
+        v.extend_from_slice(&self.created_at.to_be_bytes());
+        v.extend_from_slice(&self.rotates_at.to_be_bytes());
+        v
+    }
+    fn decode(b: &[u8]) -> Result<Self> {
+        if b.len() != Self::LEN {
+            return Err(corrupt("current-key", format!("{} bytes", b.len())));
+        }
+        Ok(CurrentKey {
+            key_link: uuid_at(b, 0),
+            seq: u64_at(b, 16),
+            created_at: u64_at(b, 24),
+            rotates_at: u64_at(b, 32),
+        })
+    }
+}
+
+impl KeyRecord {
+    const LEN: usize = 16 + 8 * 4 + 32 + 1;
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(Self::LEN);
+        v.extend_from_slice(self.key_stream_id.as_bytes());
+        v.extend_from_slice(&self.seq.to_be_bytes());
+        v.extend_from_slice(&self.created_at.to_be_bytes());
+        v.extend_from_slice(&self.rotates_at.to_be_bytes());
+        v.extend_from_slice(&self.expires_at.to_be_bytes());
+        v.extend_from_slice(&self.field_hash);
+        v.push(self.state as u8);
+        v
+    }
+    fn decode(b: &[u8]) -> Result<Self> {
+        if b.len() != Self::LEN {
+            return Err(corrupt("key", format!("{} bytes", b.len())));
+        }
+        let state = match b[Self::LEN - 1] {
+            1 => KeyState::Live,
+            2 => KeyState::Purged,
+            other => return Err(corrupt("key", format!("state {other}"))),
+        };
+        Ok(KeyRecord {
+            key_stream_id: uuid_at(b, 0),
+            seq: u64_at(b, 16),
+            created_at: u64_at(b, 24),
+            rotates_at: u64_at(b, 32),
+            expires_at: u64_at(b, 40),
+            field_hash: b[48..80].try_into().expect("32 bytes"),
+            state,
+        })
+    }
+}
+
+impl LogEntry {
+    fn encode(link: Uuid, created_at: u64, expires_at: u64, wrapped: &[u8]) -> Vec<u8> {
+        let mut v = Vec::with_capacity(32 + wrapped.len());
+        v.extend_from_slice(link.as_bytes());
+        v.extend_from_slice(&created_at.to_be_bytes());
+        v.extend_from_slice(&expires_at.to_be_bytes());
+        v.extend_from_slice(wrapped);
+        v
+    }
+    fn decode(key: &[u8], b: &[u8]) -> Result<Self> {
+        if key.len() != 25 || b.len() < 32 {
+            return Err(corrupt("key stream", format!("{} bytes", b.len())));
+        }
+        Ok(LogEntry {
+            seq: u64_at(key, 17),
+            key_link: uuid_at(b, 0),
+            created_at: u64_at(b, 16),
+            expires_at: u64_at(b, 24),
+            wrapped_keyset: b[32..].to_vec(),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Group commit
+// ---------------------------------------------------------------------------------------
+
+/// Proof that a write happened before a point in the flush sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Ticket(u64);
+
+#[derive(Clone, Debug, Default)]
+struct FlushState {
+    /// Every ticket up to this one is on disk.
+    flushed: u64,
+    /// The flush that covered tickets up to this one failed.
+    failed: u64,
+    error: Option<String>,
+}
+
+struct GroupCommit {
+    issued: AtomicU64,
+    /// Set when the store closes; guards the condition variable that wakes the flusher.
+    closing: Mutex<bool>,
+    wake: Condvar,
+    state: watch::Sender<FlushState>,
+}
+
+impl GroupCommit {
+    fn ticket(&self) -> Ticket {
+        let t = self.issued.fetch_add(1, Ordering::SeqCst) + 1;
+        let _guard = self.closing.lock().unwrap_or_else(|e| e.into_inner());
+        self.wake.notify_one();
+        Ticket(t)
+    }
+
+    /// The flusher thread: one fsync for every ticket issued while the previous ran.
+    fn run(&self, db: &sled::Db) {
+        let mut done = 0;
+        loop {
+            {
+                let mut closing = self.closing.lock().unwrap_or_else(|e| e.into_inner());
+                while self.issued.load(Ordering::SeqCst) == done && !*closing {
+                    closing = self.wake.wait(closing).unwrap_or_else(|e| e.into_inner());
+                }
+                if *closing && self.issued.load(Ordering::SeqCst) == done {
+                    return;
+                }
+            }
+            let upto = self.issued.load(Ordering::SeqCst);
+            let result = db.flush();
+            done = upto;
+            self.state.send_modify(|s| match result {
+                Ok(_) => s.flushed = upto,
+                Err(e) => {
+                    s.failed = upto;
+                    s.error = Some(e.to_string());
+                }
+            });
+        }
+    }
+
+    async fn durable(&self, t: Ticket) -> Result<()> {
+        let mut rx = self.state.subscribe();
+        let state = rx
+            .wait_for(|s| s.flushed >= t.0 || s.failed >= t.0)
+            .await
+            .map_err(|_| StoreError::Flush("the store is closed".into()))?
+            .clone();
+        if state.flushed >= t.0 {
+            Ok(())
+        } else {
+            Err(StoreError::Flush(
+                state.error.unwrap_or_else(|| "flush failed".into()),
+            ))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Store
+// ---------------------------------------------------------------------------------------
+
+pub struct Store {
+    db: sled::Db,
+    keys: sled::Tree,
+    meta: sled::Tree,
+    tokens: sled::Tree,
+    sinks: sled::Tree,
+    exporters: sled::Tree,
+    commit: Arc<GroupCommit>,
+    flusher: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Store {
+    /// Opens (or creates) the database in `dir`. Fails when another process holds it.
+    pub fn open(dir: &Path, cache_capacity_bytes: u64) -> Result<Store> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_capacity_bytes)
+            .flush_every_ms(Some(1000))
+            .open()?;
+        let keys = db.open_tree("keys")?;
+        let meta = db.open_tree("meta")?;
+        let tokens = db.open_tree("tokens")?;
+        let sinks = db.open_tree("sinks")?;
+        let exporters = db.open_tree("exporters")?;
+        let (state, _) = watch::channel(FlushState::default());
+        let commit = Arc::new(GroupCommit {
+            issued: AtomicU64::new(0),
+            closing: Mutex::new(false),
+            wake: Condvar::new(),
+            state,
+        });
+        let flusher = {
+            let commit = commit.clone();
+            let db = db.clone();
+            std::thread::Builder::new()
+                .name("store-flusher".into())
+                .spawn(move || commit.run(&db))
+                .map_err(|e| StoreError::Flush(format!("cannot start the flusher: {e}")))?
+        };
+        Ok(Store {
+            db,
+            keys,
+            meta,
+            tokens,
+            sinks,
+            exporters,
+            commit,
+            flusher: Mutex::new(Some(flusher)),
+        })
+    }
+
+    /// A ticket covering every write made before this call.
+    pub fn ticket(&self) -> Ticket {
+        self.commit.ticket()
+    }
+
+    /// Waits until the writes covered by `t` are on disk.
+    pub async fn durable(&self, t: Ticket) -> Result<()> {
+        self.commit.durable(t).await
+    }
+
+    /// Makes every write made so far durable.
+    pub async fn sync(&self) -> Result<()> {
+        let t = self.ticket();
+        self.durable(t).await
+    }
+
+    /// Flushes synchronously and stops the flusher thread; used at shutdown.
+    pub fn close(&self) -> Result<()> {
+        *self
+            .commit
+            .closing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = true;
+        self.commit.wake.notify_one();
+        if let Some(handle) = self
+            .flusher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            let _ = handle.join();
+        }
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn size_on_disk(&self) -> Result<u64> {
+        Ok(self.db.size_on_disk()?)
+    }
+
+    /// Cheap write probe for readiness: the store accepts writes.
+    pub fn writable(&self) -> Result<()> {
+        self.meta
+            .insert(b"probe", &crate::duration::now_millis().to_be_bytes())?;
+        Ok(())
+    }
+
+    // --- streams -------------------------------------------------------------------
+
+    pub fn streams(&self) -> Result<Vec<StreamRecord>> {
+        self.keys
+            .scan_prefix([PREFIX_STREAM])
+            .map(|kv| {
+                let (_, v) = kv?;
+                serde_json::from_slice(&v).map_err(|e| corrupt("stream", e.to_string()))
+            })
+            .collect()
+    }
+
+    /// Inserts a new stream; `Ok(false)` when the name exists.
+    pub fn insert_stream(&self, s: &StreamRecord) -> Result<bool> {
+        let value = serde_json::to_vec(s).expect("stream record serializes");
+        Ok(self
+            .keys
+            .compare_and_swap(stream_key(&s.name), None as Option<&[u8]>, Some(value))?
+            .is_ok())
+    }
+
+    /// Removes the stream and marks its key stream for the janitor to delete.
+    pub fn delete_stream(&self, s: &StreamRecord) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        batch.remove(stream_key(&s.name));
+        batch.insert(
+            key_of(PREFIX_DELETED, &[s.key_stream_id.as_bytes()]),
+            &[] as &[u8],
+        );
+        self.keys.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Key streams of deleted streams whose data is still to be removed.
+    pub fn deleted_streams(&self) -> Result<Vec<Uuid>> {
+        self.keys
+            .scan_prefix([PREFIX_DELETED])
+            .map(|kv| {
+                let (k, _) = kv?;
+                if k.len() != 17 {
+                    return Err(corrupt("deleted stream", format!("{} bytes", k.len())));
+                }
+                Ok(uuid_at(&k, 1))
+            })
+            .collect()
+    }
+
+    /// Removes up to `limit` records of a deleted key stream; returns how many. When
+    /// nothing is left it removes the deletion marker and returns 0.
+    pub fn remove_deleted_stream_data(&self, ksid: Uuid, limit: usize) -> Result<usize> {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for kv in self
+            .keys
+            .scan_prefix(key_of(PREFIX_LOG, &[ksid.as_bytes()]))
+            .take(limit)
+        {
+            let (k, v) = kv?;
+            let e = LogEntry::decode(&k, &v)?;
+            batch.remove(k);
+            batch.remove(key_key(e.key_link));
+            batch.remove(expiry_key(e.expires_at, e.key_link));
+            n += 1;
+        }
+        for kv in self
+            .keys
+            .scan_prefix(key_of(PREFIX_CURRENT, &[ksid.as_bytes()]))
+            .take(limit.saturating_sub(n))
+        {
+            let (k, _) = kv?;
+            batch.remove(k);
+            n += 1;
+        }
+        if n == 0 {
+            batch.remove(key_of(PREFIX_DELETED, &[ksid.as_bytes()]));
+        }
+        self.keys.apply_batch(batch)?;
+        Ok(n)
+    }
+
+    // --- keys ----------------------------------------------------------------------
+
+    pub fn current(&self, ksid: Uuid, field_hash: &[u8; 32]) -> Result<Option<CurrentKey>> {
+        self.keys
+            .get(current_key(ksid, field_hash))?
+            .map(|v| CurrentKey::decode(&v))
+            .transpose()
+    }
+
+    /// Writes a new key, its key stream entry, its current-key pointer and its expiry
+    /// entry in one atomic batch. The caller serialises calls per key stream so that
+    /// entries appear in sequence order.
+    pub fn insert_key(&self, k: &NewKey<'_>) -> Result<()> {
+        let r = &k.record;
+        let mut batch = sled::Batch::default();
+        batch.insert(
+            current_key(r.key_stream_id, &r.field_hash),
+            CurrentKey {
+                key_link: k.key_link,
+                seq: r.seq,
+                created_at: r.created_at,
+                rotates_at: r.rotates_at,
+            }
+            .encode(),
+        );
+        batch.insert(key_key(k.key_link), r.encode());
+        batch.insert(
+            log_key(r.key_stream_id, r.seq),
+            LogEntry::encode(k.key_link, r.created_at, r.expires_at, k.wrapped_keyset),
+        );
+        batch.insert(expiry_key(r.expires_at, k.key_link), &[] as &[u8]);
+        self.keys.apply_batch(batch)?;
+        Ok(())
+    }
+
+    pub fn key(&self, link: Uuid) -> Result<Option<KeyRecord>> {
+        self.keys
+            .get(key_key(link))?
+            .map(|v| KeyRecord::decode(&v))
+            .transpose()
+    }
+
+    pub fn log_entry(&self, ksid: Uuid, seq: u64) -> Result<Option<LogEntry>> {
+        let k = log_key(ksid, seq);
+        self.keys
+            .get(&k)?
+            .map(|v| LogEntry::decode(&k, &v))
+            .transpose()
+    }
+
+    /// The highest sequence number in a key stream, if any.
+    pub fn last_seq(&self, ksid: Uuid) -> Result<Option<u64>> {
+        match self
+            .keys
+            .scan_prefix(key_of(PREFIX_LOG, &[ksid.as_bytes()]))
+            .next_back()
+        {
+            Some(kv) => Ok(Some(u64_at(&kv?.0, 17))),
+            None => Ok(None),
+        }
+    }
+
+    /// The lowest sequence number still in a key stream, if any.
+    pub fn first_seq(&self, ksid: Uuid) -> Result<Option<u64>> {
+        match self
+            .keys
+            .scan_prefix(key_of(PREFIX_LOG, &[ksid.as_bytes()]))
+            .next()
+        {
+            Some(kv) => Ok(Some(u64_at(&kv?.0, 17))),
+            None => Ok(None),
+        }
+    }
+
+    /// Key stream entries with `from <= seq <= to`, at most `limit`, in order.
+    pub fn log_range(&self, ksid: Uuid, from: u64, to: u64, limit: usize) -> Result<Vec<LogEntry>> {
+        if from > to {
+            return Ok(Vec::new());
+        }
+        self.keys
+            .range(log_key(ksid, from)..=log_key(ksid, to))
+            .take(limit)
+            .map(|kv| {
+                let (k, v) = kv?;
+                LogEntry::decode(&k, &v)
+            })
+            .collect()
+    }
+
+    /// Number of entries in a key stream (a scan of its keys; for metrics and status).
+    pub fn log_len(&self, ksid: Uuid, from: u64) -> Result<u64> {
+        let mut n = 0;
+        for kv in self
+            .keys
+            .range(log_key(ksid, from)..log_key(ksid, u64::MAX))
+        {
+            kv?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Keys whose expiry is at or before `now`, oldest first, at most `limit`.
+    pub fn expired(&self, now: u64, limit: usize) -> Result<Vec<(u64, Uuid)>> {
+        let start = key_of(PREFIX_EXPIRY, &[]);
+        let end = expiry_key(now, Uuid::max());
+        self.keys
+            .range(start..=end)
+            .take(limit)
+            .map(|kv| {
+                let (k, _) = kv?;
+                if k.len() != 25 {
+                    return Err(corrupt("expiry", format!("{} bytes", k.len())));
+                }
+                Ok((u64_at(&k, 1), uuid_at(&k, 9)))
+            })
+            .collect()
+    }
+
+    /// Purges one expired key: drops its current-key pointer if it still points to it,
+    /// turns the key record into a tombstone and removes the expiry entry.
+    pub fn purge_key(&self, expires_at: u64, link: Uuid) -> Result<()> {
+        if let Some(mut record) = self.key(link)? {
+            let ckey = current_key(record.key_stream_id, &record.field_hash);
+            if let Some(old) = self.keys.get(&ckey)?
+                && CurrentKey::decode(&old)?.key_link == link
+            {
+                // Only if nobody replaced it meanwhile: a rotation must not be undone.
+                let _ = self
+                    .keys
+                    .compare_and_swap(&ckey, Some(old), None as Option<&[u8]>)?;
+            }
+            record.state = KeyState::Purged;
+            let mut batch = sled::Batch::default();
+            batch.insert(key_key(link), record.encode());
+            batch.remove(expiry_key(expires_at, link));
+            self.keys.apply_batch(batch)?;
+        } else {
+            self.keys.remove(expiry_key(expires_at, link))?;
+        }
+        Ok(())
+    }
+
+    /// Trims the head of a key stream: removes entries created before `cutoff` whose key
+    /// is already purged (or gone), with their tombstones. Stops at the first entry that
+    /// must stay. Returns how many were removed.
+    pub fn trim_log(&self, ksid: Uuid, cutoff: u64, limit: usize) -> Result<usize> {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for kv in self
+            .keys
+            .scan_prefix(key_of(PREFIX_LOG, &[ksid.as_bytes()]))
+            .take(limit)
+        {
+            let (k, v) = kv?;
+            let e = LogEntry::decode(&k, &v)?;
+            if e.created_at >= cutoff {
+                break;
+            }
+            match self.key(e.key_link)? {
+                Some(r) if r.state == KeyState::Live => break,
+                _ => {}
+            }
+            batch.remove(k);
+            batch.remove(key_key(e.key_link));
+            n += 1;
+        }
+        if n > 0 {
+            self.keys.apply_batch(batch)?;
+        }
+        Ok(n)
+    }
+
+    /// Counts `k` records that are live (for metrics at start-up).
+    pub fn count_live_keys(&self) -> Result<u64> {
+        let mut n = 0;
+        for kv in self.keys.scan_prefix([PREFIX_KEY]) {
+            let (_, v) = kv?;
+            if KeyRecord::decode(&v)?.state == KeyState::Live {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    // --- JSON records of the upper layers ---------------------------------------------
+
+    fn table(&self, t: Table) -> &sled::Tree {
+        match t {
+            Table::Meta => &self.meta,
+            Table::Tokens => &self.tokens,
+            Table::Sinks => &self.sinks,
+            Table::Exporters => &self.exporters,
+        }
+    }
+
+    pub fn get_raw(&self, t: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.table(t).get(key)?.map(|v| v.to_vec()))
+    }
+
+    pub fn put_raw(&self, t: Table, key: &[u8], value: &[u8]) -> Result<()> {
+        self.table(t).insert(key, value)?;
+        Ok(())
+    }
+
+    pub fn get<T: DeserializeOwned>(&self, t: Table, key: &str) -> Result<Option<T>> {
+        self.table(t)
+            .get(key)?
+            .map(|v| serde_json::from_slice(&v).map_err(|e| corrupt("record", e.to_string())))
+            .transpose()
+    }
+
+    pub fn put<T: Serialize>(&self, t: Table, key: &str, value: &T) -> Result<()> {
+        let bytes = serde_json::to_vec(value).expect("records serialize");
+        self.table(t).insert(key, bytes)?;
+        Ok(())
+    }
+
+    /// Inserts unless `key` exists; `Ok(false)` when it does.
+    pub fn insert_new<T: Serialize>(&self, t: Table, key: &str, value: &T) -> Result<bool> {
+        let bytes = serde_json::to_vec(value).expect("records serialize");
+        Ok(self
+            .table(t)
+            .compare_and_swap(key, None as Option<&[u8]>, Some(bytes))?
+            .is_ok())
+    }
+
+    /// Removes `key`; `Ok(false)` when it did not exist.
+    pub fn remove(&self, t: Table, key: &str) -> Result<bool> {
+        Ok(self.table(t).remove(key)?.is_some())
+    }
+
+    /// Every record of a table whose key starts with `prefix`, in key order.
+    pub fn list<T: DeserializeOwned>(&self, t: Table, prefix: &str) -> Result<Vec<(String, T)>> {
+        self.table(t)
+            .scan_prefix(prefix)
+            .map(|kv| {
+                let (k, v) = kv?;
+                let value =
+                    serde_json::from_slice(&v).map_err(|e| corrupt("record", e.to_string()))?;
+                Ok((String::from_utf8_lossy(&k).into_owned(), value))
+            })
+            .collect()
+    }
+
+    /// Applies puts (`Some`) and removes (`None`) to one table atomically.
+    pub fn apply(&self, t: Table, ops: Vec<(String, Option<Vec<u8>>)>) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for (k, v) in ops {
+            match v {
+                Some(v) => batch.insert(k.as_bytes(), v),
+                None => batch.remove(k.as_bytes()),
+            }
+        }
+        self.table(t).apply_batch(batch)?;
+        Ok(())
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        *self
+            .commit
+            .closing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = true;
+        self.commit.wake.notify_one();
+        if let Some(handle) = self
+            .flusher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            let _ = handle.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db"), 8 << 20).unwrap();
+        (dir, store)
+    }
+
+    fn new_key(store: &Store, ksid: Uuid, seq: u64, hash: u8, created: u64, expires: u64) -> Uuid {
+        let link = Uuid::new_v4();
+        store
+            .insert_key(&NewKey {
+                record: KeyRecord {
+                    key_stream_id: ksid,
+                    seq,
+                    created_at: created,
+                    rotates_at: created + 10,
+                    expires_at: expires,
+                    field_hash: [hash; 32],
+                    state: KeyState::Live,
+                },
+                key_link: link,
+                wrapped_keyset: b"wrapped",
+            })
+            .unwrap();
+        link
+    }
+
+    #[tokio::test]
+    async fn key_records_round_trip_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let ksid = Uuid::new_v4();
+        let link;
+        {
+            let store = Store::open(&dir.path().join("db"), 8 << 20).unwrap();
+            link = new_key(&store, ksid, 0, 1, 100, 200);
+            store.sync().await.unwrap();
+            store.close().unwrap();
+        }
+        let store = Store::open(&dir.path().join("db"), 8 << 20).unwrap();
+        let cur = store.current(ksid, &[1; 32]).unwrap().unwrap();
+        assert_eq!(cur.key_link, link);
+        assert_eq!(cur.rotates_at, 110);
+        let rec = store.key(link).unwrap().unwrap();
+        assert_eq!(rec.expires_at, 200);
+        assert_eq!(rec.state, KeyState::Live);
+        let e = store.log_entry(ksid, 0).unwrap().unwrap();
+        assert_eq!(e.key_link, link);
+        assert_eq!(e.wrapped_keyset, b"wrapped");
+        assert_eq!(store.last_seq(ksid).unwrap(), Some(0));
+        assert_eq!(store.last_seq(Uuid::new_v4()).unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn expiry_index_purge_and_trim() {
+        let (_d, store) = open();
+        let ksid = Uuid::new_v4();
+        let a = new_key(&store, ksid, 0, 1, 100, 150);
+        let b = new_key(&store, ksid, 1, 2, 120, 300);
+        assert_eq!(store.expired(149, 10).unwrap(), vec![]);
+        assert_eq!(store.expired(150, 10).unwrap(), vec![(150, a)]);
+        store.purge_key(150, a).unwrap();
+        assert_eq!(store.key(a).unwrap().unwrap().state, KeyState::Purged);
+        assert!(store.current(ksid, &[1; 32]).unwrap().is_none());
+        assert!(store.current(ksid, &[2; 32]).unwrap().is_some());
+        assert_eq!(store.expired(1000, 10).unwrap(), vec![(300, b)]);
+        // b is live: trimming stops there even though its creation is old.
+        assert_eq!(store.trim_log(ksid, 1000, 100).unwrap(), 1);
+        assert!(store.key(a).unwrap().is_none());
+        assert_eq!(store.first_seq(ksid).unwrap(), Some(1));
+        assert_eq!(store.log_range(ksid, 0, 10, 10).unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn purge_keeps_a_rotated_pointer() {
+        let (_d, store) = open();
+        let ksid = Uuid::new_v4();
+        let old = new_key(&store, ksid, 0, 1, 100, 150);
+        let new = new_key(&store, ksid, 1, 1, 140, 400);
+        store.purge_key(150, old).unwrap();
+        assert_eq!(
+            store.current(ksid, &[1; 32]).unwrap().unwrap().key_link,
+            new
+        );
+    }
+
+    #[tokio::test]
+    async fn deleted_stream_data_is_removed_in_batches() {
+        let (_d, store) = open();
+        let s = StreamRecord {
+            name: "s".into(),
+            key_rotation_secs: 10,
+            key_stream_id: Uuid::new_v4(),
+            created_at: 1,
+        };
+        assert!(store.insert_stream(&s).unwrap());
+        assert!(!store.insert_stream(&s).unwrap());
+        for i in 0..5 {
+            new_key(&store, s.key_stream_id, i, i as u8, 100, 200);
+        }
+        store.delete_stream(&s).unwrap();
+        assert!(store.streams().unwrap().is_empty());
+        assert_eq!(store.deleted_streams().unwrap(), vec![s.key_stream_id]);
+        let mut total = 0;
+        loop {
+            let n = store
+                .remove_deleted_stream_data(s.key_stream_id, 3)
+                .unwrap();
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        assert_eq!(total, 10);
+        assert!(store.deleted_streams().unwrap().is_empty());
+        assert!(store.expired(u64::MAX, 10).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn group_commit_serves_many_waiters() {
+        let (_d, store) = open();
+        let store = Arc::new(store);
+        let mut tasks = Vec::new();
+        for i in 0..100u32 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                store.put_raw(Table::Meta, &i.to_be_bytes(), b"x").unwrap();
+                let t = store.ticket();
+                store.durable(t).await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+    }
+}
