@@ -59,6 +59,14 @@ pub enum Command {
         kind: Kind,
         name: String,
     },
+    /// Close and upload a batch exporter's current batch now.
+    Flush {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Only `batch-exporter`.
+        kind: Kind,
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -71,6 +79,64 @@ pub enum CreateWhat {
         #[arg(long)]
         key_rotation: Option<String>,
     },
+    /// Create a sink: NAME and a bucket (S3) or an absolute directory (--sink-type local).
+    #[command(alias = "sinks")]
+    Sink {
+        name: String,
+        /// Bucket name for S3, directory for local.
+        target: String,
+        #[arg(long, value_enum, default_value_t = SinkKind::S3)]
+        sink_type: SinkKind,
+        /// JSON as printed by `aws iam create-access-key`:
+        /// {"AccessKey":{"AccessKeyId":..,"SecretAccessKey":..}}. Without it the
+        /// daemon uses the standard AWS credential chain.
+        #[arg(long, value_name = "FILE")]
+        credentials_file: Option<PathBuf>,
+        #[arg(long)]
+        endpoint: Option<String>,
+        #[arg(long)]
+        region: Option<String>,
+        /// Path-style addressing (http://endpoint/bucket/key), for most non-AWS servers.
+        #[arg(long)]
+        path_style: bool,
+    },
+    /// Create a batch exporter of a stream's key stream.
+    #[command(alias = "batch-exporters")]
+    BatchExporter {
+        /// The stream whose keys are exported.
+        stream: String,
+        /// Required: this daemon's exporters export key streams.
+        #[arg(long)]
+        export_keys: bool,
+        /// Seconds between batches (or a duration such as 5m); default 60.
+        #[arg(long)]
+        interval: Option<String>,
+        #[arg(long)]
+        path_prefix: String,
+        /// The sink (optional when only one exists).
+        #[arg(long)]
+        sink: Option<String>,
+        /// Exporter name (default: <sink>-<stream>-keys).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, value_enum, default_value_t = FormatArg::Jsonl)]
+        format: FormatArg,
+        /// Start at the newest key instead of every retained key.
+        #[arg(long)]
+        skip_existing_keys: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum SinkKind {
+    S3,
+    Local,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum FormatArg {
+    Jsonl,
+    Csv,
 }
 
 /// Resource kinds, singular or plural.
@@ -78,14 +144,56 @@ pub enum CreateWhat {
 pub enum Kind {
     #[value(alias = "streams")]
     Stream,
+    #[value(alias = "sinks")]
+    Sink,
+    #[value(alias = "batch-exporters")]
+    BatchExporter,
 }
 
 impl Kind {
     fn collection(self) -> &'static str {
         match self {
             Kind::Stream => "streams",
+            Kind::Sink => "sinks",
+            Kind::BatchExporter => "batch-exporters",
         }
     }
+}
+
+/// The AWS CLI's `create-access-key` output.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct AwsAccessKeyFile {
+    access_key: AwsAccessKey,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct AwsAccessKey {
+    access_key_id: String,
+    secret_access_key: String,
+    session_token: Option<String>,
+}
+
+fn read_credentials(path: &std::path::Path) -> Result<Value, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read --credentials-file {}: {e}", path.display()))?;
+    let parsed: AwsAccessKeyFile = serde_json::from_str(&text).map_err(|e| {
+        format!(
+            "--credentials-file {} is not the JSON of `aws iam create-access-key` \
+             ({{\"AccessKey\":{{\"AccessKeyId\":..,\"SecretAccessKey\":..}}}}): {e}",
+            path.display()
+        )
+    })?;
+    let k = parsed.access_key;
+    let mut v = serde_json::json!({
+        "accessKeyId": k.access_key_id,
+        "secretAccessKey": k.secret_access_key,
+    });
+    if let Some(t) = k.session_token {
+        v["sessionToken"] = Value::String(t);
+    }
+    Ok(v)
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, Default, PartialEq, Eq)]
@@ -308,6 +416,83 @@ async fn client_command(command: Command) -> Result<(), String> {
                     }
                     c.call(Method::POST, "/v1/streams", Some(body)).await?
                 }
+                CreateWhat::Sink {
+                    name,
+                    target,
+                    sink_type,
+                    credentials_file,
+                    endpoint,
+                    region,
+                    path_style,
+                } => {
+                    let body = match sink_type {
+                        SinkKind::Local => {
+                            if credentials_file.is_some()
+                                || endpoint.is_some()
+                                || region.is_some()
+                                || path_style
+                            {
+                                return Err("--credentials-file, --endpoint, --region and --path-style are for S3 sinks".into());
+                            }
+                            let path = std::path::absolute(&target)
+                                .map_err(|e| format!("{target}: {e}"))?;
+                            serde_json::json!({"name": name, "sinkType": "LOCAL",
+                                "local": {"path": path.to_string_lossy()}})
+                        }
+                        SinkKind::S3 => {
+                            let mut bucket =
+                                serde_json::json!({"bucketName": target, "pathStyle": path_style});
+                            if let Some(e) = endpoint {
+                                bucket["endpoint"] = Value::String(e);
+                            }
+                            if let Some(r) = region {
+                                bucket["region"] = Value::String(r);
+                            }
+                            if let Some(f) = credentials_file {
+                                bucket["credentials"] = read_credentials(&f)?;
+                            }
+                            serde_json::json!({"name": name, "sinkType": "S3", "bucket": bucket})
+                        }
+                    };
+                    c.call(Method::POST, "/v1/sinks", Some(body)).await?
+                }
+                CreateWhat::BatchExporter {
+                    stream,
+                    export_keys,
+                    interval,
+                    path_prefix,
+                    sink,
+                    name,
+                    format,
+                    skip_existing_keys,
+                } => {
+                    if !export_keys {
+                        return Err(format!(
+                            "this daemon exports key streams: add --export-keys to create a \
+                             batch exporter of the keys of stream '{stream}'"
+                        ));
+                    }
+                    let mut body = serde_json::json!({
+                        "keyStreamRef": {"name": stream},
+                        "pathPrefix": path_prefix,
+                        "format": match format { FormatArg::Jsonl => "JSONL", FormatArg::Csv => "CSV" },
+                        "includeExistingKeys": !skip_existing_keys,
+                    });
+                    if let Some(i) = interval {
+                        body["interval"] = match i.parse::<u64>() {
+                            Ok(n) => Value::from(n),
+                            Err(_) => Value::String(i),
+                        };
+                    }
+                    if let Some(s) = sink {
+                        body["sinkName"] = Value::String(s);
+                    }
+                    if let Some(n) = name {
+                        body["name"] = Value::String(n);
+                    }
+                    c.call(Method::POST, "/v1/batch-exporters", Some(body))
+                        .await?
+                }
             };
             c.print(&value);
         }
@@ -335,6 +520,22 @@ async fn client_command(command: Command) -> Result<(), String> {
                 .call(
                     Method::DELETE,
                     &format!("/v1/{}/{name}", kind.collection()),
+                    None,
+                )
+                .await?;
+            c.print(&value);
+        }
+        Command::Flush { client, kind, name } => {
+            if kind != Kind::BatchExporter {
+                return Err(
+                    "only batch exporters can be flushed: flush batch-exporter NAME".into(),
+                );
+            }
+            let c = Client::new(&client)?;
+            let value = c
+                .call(
+                    Method::POST,
+                    &format!("/v1/batch-exporters/{name}/flush"),
                     None,
                 )
                 .await?;

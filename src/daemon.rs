@@ -17,6 +17,7 @@ use crate::api::{self, ApiState};
 use crate::auth::Auth;
 use crate::config::{Config, ConfigError};
 use crate::crypto::MasterKey;
+use crate::export::{ExportSettings, Exporters};
 use crate::keys::{Keys, KeysSettings};
 use crate::store::Store;
 
@@ -235,7 +236,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     let store = Arc::new(store);
     let keys = Keys::open(
         store.clone(),
-        master,
+        master.clone(),
         KeysSettings {
             default_rotation: config.keys.rotation,
             grace: config.keys.grace,
@@ -244,6 +245,18 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     )
     .map_err(|e| startup(e.to_string()))?;
     let keys = Arc::new(keys);
+    let exporters = Exporters::open(
+        store.clone(),
+        keys.clone(),
+        master.clone(),
+        ExportSettings {
+            key_export_allowed: config.account.key_export_allowed,
+            min_interval: config.export.min_interval,
+            max_keys_per_object: config.export.max_keys_per_object,
+        },
+        &data_dir,
+    )
+    .map_err(|e| startup(e.to_string()))?;
     let auth = Arc::new(
         Auth::open(store.clone(), &data_dir.join(ADMIN_TOKEN_FILE))
             .map_err(|e| startup(e.to_string()))?,
@@ -274,16 +287,14 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
 
     let state = Arc::new(ApiState {
         keys: keys.clone(),
+        exporters: exporters.clone(),
         auth,
         account: config.account.clone(),
     });
-    api::serve(
-        listener,
-        state,
-        shutdown_rx,
-        config.export.shutdown_timeout.as_duration(),
-    )
-    .await;
+    let drain = config.export.shutdown_timeout.as_duration();
+    api::serve(listener, state, shutdown_rx, drain).await;
+    // Every answered key is on disk now; the exporters close their last batches.
+    exporters.shutdown(drain).await;
 
     let _ = janitor.await;
     signals.abort();

@@ -23,8 +23,7 @@ use zeroize::Zeroizing;
 use crate::crypto::{self, CryptoError, KeysetBytes, MasterKey};
 use crate::duration::{Seconds, now_millis};
 use crate::store::{
-    CurrentKey, KeyRecord, KeyState, LogEntry, NewKey, Store, StoreError, StreamRecord, Table,
-    Ticket,
+    CurrentKey, KeyRecord, KeyState, NewKey, Store, StoreError, StreamRecord, Table, Ticket,
 };
 
 /// Stripes of the creation lock; a power of two.
@@ -100,13 +99,13 @@ pub struct KeyInfo {
     pub expires_at: u64,
 }
 
-/// A key stream entry as an exporter writes it.
+/// A key stream entry as an exporter reads it; the keyset stays wrapped until written.
 #[derive(Clone, Debug)]
 pub struct StreamKey {
     pub seq: u64,
     pub key_link: Uuid,
     pub created_at: u64,
-    pub keyset: KeysetBytes,
+    wrapped: Vec<u8>,
 }
 
 /// Counters the metrics endpoint reads.
@@ -323,7 +322,7 @@ impl Keys {
                     return Ok(Resolved { key: cur, wait });
                 }
                 if let Some((key_link, wrapped)) = fresh.take() {
-                    let key = self.append(stream, key_link, &wrapped, hash, now)?;
+                    let key = self.append(stream, key_link, &wrapped, hash)?;
                     let ticket = self.store.ticket();
                     pending.insert((ksid, hash), ticket);
                     return Ok(Resolved {
@@ -341,18 +340,21 @@ impl Keys {
     }
 
     /// Appends a key to the key stream (and writes its records) under the stream lock.
+    /// The creation time is read under the lock too, so creation times follow sequence
+    /// numbers and an exporter that closes a batch at time T after reading the stream's
+    /// head has seen every key created before T.
     fn append(
         &self,
         stream: &KeyStream,
         key_link: Uuid,
         wrapped: &[u8],
         field_hash: [u8; 32],
-        now: u64,
     ) -> Result<CurrentKey> {
         let mut next = stream.next_seq.lock().unwrap_or_else(|e| e.into_inner());
         if stream.deleted.load(Ordering::SeqCst) {
             return Err(KeysError::StreamNotFound(stream.record.name.clone()));
         }
+        let now = now_millis();
         let rotates_at = now + Seconds(stream.record.key_rotation_secs).as_millis();
         let record = KeyRecord {
             key_stream_id: stream.record.key_stream_id,
@@ -532,10 +534,16 @@ impl Keys {
     // --- key stream, for exporters -----------------------------------------------------
 
     /// The sequence number of the newest entry of a key stream that is on disk, if any.
+    /// Every key created before this call returned is at or below it.
     pub async fn durable_head(&self, stream: &KeyStream) -> Result<Option<u64>> {
         let next = *stream.next_seq.lock().unwrap_or_else(|e| e.into_inner());
         self.store.sync().await?;
         Ok(next.checked_sub(1))
+    }
+
+    /// The sequence number the next key of the stream will get.
+    pub fn next_seq(&self, stream: &KeyStream) -> u64 {
+        *stream.next_seq.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The oldest sequence number still in the key stream, if any.
@@ -543,8 +551,12 @@ impl Keys {
         Ok(self.store.first_seq(stream.record.key_stream_id)?)
     }
 
-    /// Entries `from..=to` created within the retention window, unwrapped. Entries
-    /// older than `keys.stream_retention` are skipped: they are never exported.
+    /// Keys created before this time (ms) are past retention: never exported.
+    pub fn retention_cutoff(&self, now: u64) -> u64 {
+        now.saturating_sub(self.settings.stream_retention.as_millis())
+    }
+
+    /// Key stream entries `from..=to` in order, at most `limit`, still wrapped.
     pub fn read_stream(
         &self,
         stream: &KeyStream,
@@ -552,30 +564,23 @@ impl Keys {
         to: u64,
         limit: usize,
     ) -> Result<Vec<StreamKey>> {
-        let cutoff = now_millis().saturating_sub(self.settings.stream_retention.as_millis());
-        let entries: Vec<LogEntry> =
-            self.store
-                .log_range(stream.record.key_stream_id, from, to, limit)?;
-        entries
+        Ok(self
+            .store
+            .log_range(stream.record.key_stream_id, from, to, limit)?
             .into_iter()
-            .filter(|e| e.created_at >= cutoff)
-            .map(|e| {
-                let keyset = self
-                    .master
-                    .unwrap(&e.wrapped_keyset, e.key_link.as_bytes())?;
-                Ok(StreamKey {
-                    seq: e.seq,
-                    key_link: e.key_link,
-                    created_at: e.created_at,
-                    keyset,
-                })
+            .map(|e| StreamKey {
+                seq: e.seq,
+                key_link: e.key_link,
+                created_at: e.created_at,
+                wrapped: e.wrapped_keyset,
             })
-            .collect()
+            .collect())
     }
 
-    /// Number of entries from `from` on (pending keys of an exporter).
-    pub fn count_from(&self, stream: &KeyStream, from: u64) -> Result<u64> {
-        Ok(self.store.log_len(stream.record.key_stream_id, from)?)
+    /// The cleartext Tink JSON keyset of a key stream entry, as exports carry it.
+    pub fn stream_keyset_json(&self, key: &StreamKey) -> Result<serde_json::Value> {
+        let keyset = self.master.unwrap(&key.wrapped, key.key_link.as_bytes())?;
+        Ok(crypto::keyset_json(&keyset)?)
     }
 
     // --- janitor --------------------------------------------------------------------
@@ -714,6 +719,9 @@ mod tests {
         let entries = keys.read_stream(&stream, 0, 1, 10).unwrap();
         assert_eq!(entries.len(), 2);
         assert_eq!(entries[0].key_link, a.key_link);
+        assert!(entries[0].created_at <= entries[1].created_at);
+        let json = keys.stream_keyset_json(&entries[1]).unwrap();
+        assert_eq!(json, keys.export_keyset(b.key_link).unwrap());
         // a expires 1s after rotating.
         tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
         assert!(matches!(

@@ -12,6 +12,7 @@ pub mod config;
 pub mod crypto;
 pub mod daemon;
 pub mod duration;
+pub mod export;
 pub mod keys;
 pub mod names;
 pub mod store;

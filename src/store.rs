@@ -601,19 +601,6 @@ impl Store {
             .collect()
     }
 
-    /// Number of entries in a key stream (a scan of its keys; for metrics and status).
-    pub fn log_len(&self, ksid: Uuid, from: u64) -> Result<u64> {
-        let mut n = 0;
-        for kv in self
-            .keys
-            .range(log_key(ksid, from)..log_key(ksid, u64::MAX))
-        {
-            kv?;
-            n += 1;
-        }
-        Ok(n)
-    }
-
     /// Keys whose expiry is at or before `now`, oldest first, at most `limit`.
     pub fn expired(&self, now: u64, limit: usize) -> Result<Vec<(u64, Uuid)>> {
         let start = key_of(PREFIX_EXPIRY, &[]);

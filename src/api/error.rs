@@ -8,12 +8,15 @@
 use hyper::StatusCode;
 
 use crate::auth::AuthError;
+use crate::export::ExportError;
 use crate::keys::KeysError;
 use crate::store::StoreError;
 
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
+    /// Machine-readable; derived from the status unless a finer one applies.
+    pub code: &'static str,
     pub message: String,
 }
 
@@ -21,6 +24,7 @@ impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
+            code: code_of(status),
             message: message.into(),
         }
     }
@@ -46,9 +50,15 @@ impl ApiError {
         )
     }
 
-    /// The machine-readable code of a status.
-    pub fn code(&self) -> &'static str {
-        match self.status {
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({"error": {"code": self.code, "message": self.message}})
+    }
+}
+
+/// The machine-readable code of a status.
+fn code_of(status: StatusCode) -> &'static str {
+    {
+        match status {
             StatusCode::BAD_REQUEST => "INVALID_ARGUMENT",
             StatusCode::UNAUTHORIZED => "UNAUTHENTICATED",
             StatusCode::FORBIDDEN => "PERMISSION_DENIED",
@@ -61,10 +71,6 @@ impl ApiError {
             StatusCode::SERVICE_UNAVAILABLE => "UNAVAILABLE",
             _ => "INTERNAL",
         }
-    }
-
-    pub fn body(&self) -> serde_json::Value {
-        serde_json::json!({"error": {"code": self.code(), "message": self.message}})
     }
 }
 
@@ -109,5 +115,28 @@ impl From<AuthError> for ApiError {
             AuthError::Store(inner) => inner.into(),
             AuthError::TokenFile { .. } => ApiError::internal(e),
         }
+    }
+}
+
+impl From<ExportError> for ApiError {
+    fn from(e: ExportError) -> ApiError {
+        let status = match e {
+            ExportError::Keys(inner) => return inner.into(),
+            ExportError::Store(inner) => return inner.into(),
+            ExportError::Internal(_) => return ApiError::internal(e),
+            ExportError::NotAllowed => StatusCode::FORBIDDEN,
+            ExportError::Invalid(_) | ExportError::SinkTest(_) => StatusCode::BAD_REQUEST,
+            ExportError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ExportError::Exists { .. } => StatusCode::CONFLICT,
+            ExportError::InUse(_) => {
+                return ApiError {
+                    status: StatusCode::CONFLICT,
+                    code: "FAILED_PRECONDITION",
+                    message: e.to_string(),
+                };
+            }
+            ExportError::Sink(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError::new(status, e.to_string())
     }
 }

@@ -6,7 +6,9 @@
 //! live in submodules by resource and only translate between JSON and the domain.
 
 mod error;
+mod exporters;
 mod keys;
+mod sinks;
 mod streams;
 
 use std::convert::Infallible;
@@ -30,6 +32,7 @@ pub use error::ApiError;
 
 use crate::auth::{Auth, Caller, Scope};
 use crate::config::AccountConfig;
+use crate::export::Exporters;
 use crate::keys::Keys;
 
 /// Largest request body accepted.
@@ -38,6 +41,7 @@ pub const MAX_BODY_BYTES: usize = 1 << 20;
 /// Everything the handlers reach.
 pub struct ApiState {
     pub keys: Arc<Keys>,
+    pub exporters: Arc<Exporters>,
     pub auth: Arc<Auth>,
     pub account: AccountConfig,
 }
@@ -54,6 +58,11 @@ enum Route {
     Decrypt,
     Key,
     KeyExport,
+    Sinks,
+    Sink,
+    Exporters,
+    Exporter,
+    ExporterFlush,
 }
 
 impl Route {
@@ -78,6 +87,12 @@ impl Route {
             (Key, _) => Err("GET"),
             (KeyExport, &Method::GET) => Ok(Some(Scope::Export)),
             (KeyExport, _) => Err("GET"),
+            (Sinks | Exporters, &Method::GET | &Method::POST) => Ok(Some(Scope::Admin)),
+            (Sinks | Exporters, _) => Err("GET, POST"),
+            (Sink | Exporter, &Method::GET | &Method::DELETE) => Ok(Some(Scope::Admin)),
+            (Sink | Exporter, _) => Err("GET, DELETE"),
+            (ExporterFlush, &Method::POST) => Ok(Some(Scope::Admin)),
+            (ExporterFlush, _) => Err("POST"),
         }
     }
 }
@@ -94,6 +109,11 @@ fn router() -> matchit::Router<Route> {
         ("/v1/decrypt", Route::Decrypt),
         ("/v1/keys/{keyLink}", Route::Key),
         ("/v1/keys/{keyLink}/export", Route::KeyExport),
+        ("/v1/sinks", Route::Sinks),
+        ("/v1/sinks/{name}", Route::Sink),
+        ("/v1/batch-exporters", Route::Exporters),
+        ("/v1/batch-exporters/{name}", Route::Exporter),
+        ("/v1/batch-exporters/{name}/flush", Route::ExporterFlush),
     ];
     for (path, route) in routes {
         r.insert(path, route).expect("routes do not overlap");
@@ -148,6 +168,11 @@ async fn dispatch(route: Route, ctx: Ctx<'_>) -> Reply {
         Route::Decrypt => keys::decrypt(ctx),
         Route::Key => keys::info(ctx),
         Route::KeyExport => keys::export(ctx),
+        Route::Sinks | Route::Sink => sinks::handle(route == Route::Sink, ctx).await,
+        Route::Exporters | Route::Exporter => {
+            exporters::handle(route == Route::Exporter, ctx).await
+        }
+        Route::ExporterFlush => exporters::flush(ctx).await,
     }
 }
 

@@ -52,8 +52,7 @@ pub(crate) async fn handle(one: bool, ctx: Ctx<'_>) -> Reply {
             ok(json!({ "stream": stream_json(billing, &stream.record) }))
         }
         (true, _) => {
-            keys.stream(&ctx.param)?;
-            keys.delete_stream(&ctx.param).await?;
+            ctx.state.exporters.delete_stream(&ctx.param).await?;
             log::info!(
                 "stream '{}' deleted by token '{}'",
                 ctx.param,

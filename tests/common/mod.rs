@@ -32,6 +32,8 @@ pub struct Daemon {
     pub base: String,
     pub token: String,
     pub http: reqwest::Client,
+    /// Extra environment for the next launch (fault injection).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -106,6 +108,7 @@ impl Daemon {
                 .pool_max_idle_per_host(64)
                 .build()
                 .unwrap(),
+            env: Vec::new(),
             child: None,
             _tmp: None,
         }
@@ -129,6 +132,7 @@ impl Daemon {
             .args(["serve", "--config"])
             .arg(&self.config_path)
             .env_remove("RUST_LOG")
+            .envs(self.env.iter().cloned())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -386,4 +390,143 @@ pub fn python(script: &str, input: &Value) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A free TCP port on loopback (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// moto's S3 server on a loopback port, read back with boto3.
+pub struct S3Server {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl S3Server {
+    pub fn start() -> S3Server {
+        let mut s = S3Server {
+            port: free_port(),
+            child: None,
+        };
+        s.launch();
+        s
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// (Re)starts the server on its port; its state starts empty.
+    pub fn launch(&mut self) {
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server is needed for the S3 tests (.ci/run installs moto[server])");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "moto_server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            assert!(Instant::now() < deadline, "moto_server did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn tool(&self, args: &[&str]) -> Value {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/s3tool.py");
+        let out = Command::new("python3")
+            .arg(path)
+            .arg(self.endpoint())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "s3tool {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn create_bucket(&self, bucket: &str) {
+        self.tool(&["create-bucket", bucket]);
+    }
+
+    /// Every object of the bucket: (key, body).
+    pub fn dump(&self, bucket: &str) -> Vec<(String, String)> {
+        self.tool(&["dump", bucket])["objects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| {
+                (
+                    o["key"].as_str().unwrap().to_string(),
+                    o["body"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// keyLink -> the objects it appears in, over exported JSON Lines objects.
+pub fn key_links_by_object(
+    objects: &[(String, String)],
+) -> std::collections::HashMap<String, Vec<String>> {
+    let mut map: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for (name, body) in objects {
+        if !name.ends_with(".jsonl") || name.contains("/.strm_test_") {
+            continue;
+        }
+        for line in body.lines() {
+            let v: Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("{name}: bad line {line:?}: {e}"));
+            assert!(v["tinkKey"].is_object(), "{name}: tinkKey is an object");
+            map.entry(v["keyLink"].as_str().unwrap().to_string())
+                .or_default()
+                .push(name.clone());
+        }
+    }
+    map
+}
+
+/// Polls `f` every 100 ms until it returns Some, or panics after `secs`.
+pub async fn eventually<T, F, Fut>(secs: u64, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
