@@ -34,6 +34,18 @@ pub enum Scope {
     Metrics,
 }
 
+impl std::str::FromStr for Scope {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Scope, String> {
+        Scope::ALL
+            .into_iter()
+            .find(|scope| scope.as_str() == s)
+            .ok_or_else(|| {
+                format!("'{s}' is not a scope; scopes are admin, keys, decrypt, export, metrics")
+            })
+    }
+}
+
 impl Scope {
     pub const ALL: [Scope; 5] = [
         Scope::Admin,
@@ -79,6 +91,17 @@ pub enum AuthError {
     Unknown,
     #[error("this token lacks the '{}' scope that the route needs", .0.as_str())]
     MissingScope(Scope),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("token '{0}' already exists")]
+    Exists(String),
+    #[error("token '{0}' not found")]
+    NotFound(String),
+    #[error(
+        "the admin token cannot be deleted; rotate it by deleting admin.token in the data \
+         directory and restarting the daemon"
+    )]
+    Protected,
     #[error("cannot write {path}: {source}")]
     TokenFile {
         path: String,
@@ -157,8 +180,57 @@ impl Auth {
         Ok(())
     }
 
+    /// Creates the token `name` with `scopes`; returns its secret, shown only now.
+    pub fn create_token(
+        &self,
+        name: &str,
+        scopes: &[Scope],
+    ) -> Result<(TokenRecord, String), AuthError> {
+        crate::names::validate("token", name).map_err(AuthError::Invalid)?;
+        if scopes.is_empty() {
+            return Err(AuthError::Invalid(
+                "scopes must name at least one of admin, keys, decrypt, export, metrics".into(),
+            ));
+        }
+        if self
+            .store
+            .get::<TokenRecord>(Table::Tokens, name)?
+            .is_some()
+        {
+            return Err(AuthError::Exists(name.to_string()));
+        }
+        let secret = self.put_token(name, scopes)?;
+        let record = self
+            .store
+            .get::<TokenRecord>(Table::Tokens, name)?
+            .ok_or_else(|| AuthError::NotFound(name.to_string()))?;
+        Ok((record, secret))
+    }
+
+    /// Every token (never a secret).
+    pub fn tokens(&self) -> Result<Vec<TokenRecord>, AuthError> {
+        Ok(self
+            .store
+            .list::<TokenRecord>(Table::Tokens, "")?
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect())
+    }
+
+    /// Revokes a token at once. The bootstrap admin token is rotated instead, by
+    /// deleting its file and restarting, so that an operator cannot lock themselves out.
+    pub fn revoke(&self, name: &str) -> Result<(), AuthError> {
+        if name == ADMIN_TOKEN_NAME {
+            return Err(AuthError::Protected);
+        }
+        if !self.store.remove(Table::Tokens, name)? {
+            return Err(AuthError::NotFound(name.to_string()));
+        }
+        self.reload()
+    }
+
     /// Creates or replaces the token `name`; returns its secret.
-    pub fn put_token(&self, name: &str, scopes: &[Scope]) -> Result<String, AuthError> {
+    fn put_token(&self, name: &str, scopes: &[Scope]) -> Result<String, AuthError> {
         let secret = format!(
             "{TOKEN_PREFIX}{}",
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&*crypto::random_bytes(32))
@@ -177,13 +249,16 @@ impl Auth {
         Ok(secret)
     }
 
-    /// Authenticates the `Authorization` header value and checks the scope.
-    pub fn check(&self, authorization: Option<&str>, scope: Scope) -> Result<Caller, AuthError> {
+    /// Authenticates the `Authorization` header value and checks every scope.
+    pub fn check(
+        &self,
+        authorization: Option<&str>,
+        scopes: &[Scope],
+    ) -> Result<Caller, AuthError> {
         let caller = self.authenticate(authorization)?;
-        if caller.scopes.contains(&scope) {
-            Ok(caller)
-        } else {
-            Err(AuthError::MissingScope(scope))
+        match scopes.iter().find(|s| !caller.scopes.contains(s)) {
+            Some(missing) => Err(AuthError::MissingScope(*missing)),
+            None => Ok(caller),
         }
     }
 
@@ -241,37 +316,58 @@ mod tests {
         );
         let bearer = format!("Bearer {secret}");
         assert_eq!(
-            auth.check(Some(&bearer), Scope::Export).unwrap().token_name,
+            auth.check(Some(&bearer), &[Scope::Admin, Scope::Export])
+                .unwrap()
+                .token_name,
             "admin"
         );
         assert!(matches!(
-            auth.check(None, Scope::Admin),
+            auth.check(None, &[Scope::Admin]),
             Err(AuthError::Missing)
         ));
         assert!(matches!(
-            auth.check(Some("Bearer kxd_nope"), Scope::Admin),
+            auth.check(Some("Bearer kxd_nope"), &[Scope::Admin]),
             Err(AuthError::Unknown)
         ));
         assert!(matches!(
-            auth.check(Some(&secret), Scope::Admin),
+            auth.check(Some(&secret), &[Scope::Admin]),
             Err(AuthError::Missing)
         ));
-        let reader = auth.put_token("reader", &[Scope::Metrics]).unwrap();
+        let (record, reader) = auth.create_token("reader", &[Scope::Metrics]).unwrap();
+        assert_eq!(record.scopes, vec![Scope::Metrics]);
+        assert!(matches!(
+            auth.create_token("reader", &[Scope::Keys]),
+            Err(AuthError::Exists(_))
+        ));
+        assert!(matches!(
+            auth.create_token("x", &[]),
+            Err(AuthError::Invalid(_))
+        ));
+        let reader_bearer = format!("Bearer {reader}");
         let err = auth
-            .check(Some(&format!("Bearer {reader}")), Scope::Keys)
+            .check(Some(&reader_bearer), &[Scope::Keys])
             .unwrap_err();
         assert_eq!(
             err.to_string(),
             "this token lacks the 'keys' scope that the route needs"
         );
+        auth.revoke("reader").unwrap();
+        assert!(matches!(
+            auth.check(Some(&reader_bearer), &[Scope::Metrics]),
+            Err(AuthError::Unknown)
+        ));
+        assert!(matches!(auth.revoke("admin"), Err(AuthError::Protected)));
+        assert!(matches!(auth.revoke("reader"), Err(AuthError::NotFound(_))));
+        assert_eq!("decrypt".parse::<Scope>().unwrap(), Scope::Decrypt);
+        assert!("root".parse::<Scope>().is_err());
         // Same file, same token after a restart; a deleted file rotates the token.
         drop(auth);
         let auth = Auth::open(store.clone(), &file).unwrap();
-        assert!(auth.check(Some(&bearer), Scope::Admin).is_ok());
+        assert!(auth.check(Some(&bearer), &[Scope::Admin]).is_ok());
         std::fs::remove_file(&file).unwrap();
         let auth = Auth::open(store, &file).unwrap();
         assert!(matches!(
-            auth.check(Some(&bearer), Scope::Admin),
+            auth.check(Some(&bearer), &[Scope::Admin]),
             Err(AuthError::Unknown)
         ));
     }

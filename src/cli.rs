@@ -100,6 +100,14 @@ pub enum CreateWhat {
         #[arg(long)]
         path_style: bool,
     },
+    /// Create an API token; its secret is printed once.
+    #[command(alias = "tokens")]
+    Token {
+        name: String,
+        /// Comma-separated: admin, keys, decrypt, export, metrics.
+        #[arg(long, value_delimiter = ',', required = true)]
+        scopes: Vec<String>,
+    },
     /// Create a batch exporter of a stream's key stream.
     #[command(alias = "batch-exporters")]
     BatchExporter {
@@ -148,6 +156,8 @@ pub enum Kind {
     Sink,
     #[value(alias = "batch-exporters")]
     BatchExporter,
+    #[value(alias = "tokens")]
+    Token,
 }
 
 impl Kind {
@@ -156,6 +166,7 @@ impl Kind {
             Kind::Stream => "streams",
             Kind::Sink => "sinks",
             Kind::BatchExporter => "batch-exporters",
+            Kind::Token => "tokens",
         }
     }
 }
@@ -214,6 +225,9 @@ pub struct ClientArgs {
     /// The daemon's config file, to find its address and data directory.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// PEM certificate to trust for an https:// API (e.g. the daemon's self-signed one).
+    #[arg(long, global = true, value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Json)]
     output: Output,
@@ -236,9 +250,22 @@ impl Client {
             .unwrap_or(config.server.listen.clone());
         let base = if host.starts_with("http://") || host.starts_with("https://") {
             host.trim_end_matches('/').to_string()
+        } else if config.server.tls_cert.is_some() {
+            format!("https://{host}")
         } else {
             format!("http://{host}")
         };
+        let mut http = reqwest::Client::builder();
+        if let Some(path) = &args.ca_cert {
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("cannot read --ca-cert {}: {e}", path.display()))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .map_err(|e| format!("--ca-cert {}: {e}", path.display()))?;
+            http = http.tls_certs_only([cert]);
+        }
+        let http = http
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         let token_file = args.token_file.clone().unwrap_or_else(|| {
             config
                 .storage
@@ -255,7 +282,7 @@ impl Client {
             .trim()
             .to_string();
         Ok(Client {
-            http: reqwest::Client::new(),
+            http,
             base,
             token,
             output: args.output,
@@ -456,6 +483,10 @@ async fn client_command(command: Command) -> Result<(), String> {
                     };
                     c.call(Method::POST, "/v1/sinks", Some(body)).await?
                 }
+                CreateWhat::Token { name, scopes } => {
+                    let body = serde_json::json!({"name": name, "scopes": scopes});
+                    c.call(Method::POST, "/v1/tokens", Some(body)).await?
+                }
                 CreateWhat::BatchExporter {
                     stream,
                     export_keys,
@@ -504,6 +535,9 @@ async fn client_command(command: Command) -> Result<(), String> {
             c.print(&value);
         }
         Command::Get { client, kind, name } => {
+            if kind == Kind::Token {
+                return Err("tokens are listed, not shown one by one: list tokens".into());
+            }
             let c = Client::new(&client)?;
             let value = c
                 .call(

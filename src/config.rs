@@ -43,6 +43,12 @@ pub struct ServerConfig {
     /// Address of the admin API. Port 0 picks a free port (tests use it); the bound
     /// address is logged.
     pub listen: String,
+    /// PEM certificate chain and private key: the API speaks TLS when both are set.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Allows a non-loopback `listen` without TLS (tokens would cross the network in
+    /// clear); off by default.
+    pub allow_plaintext_remote: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -102,6 +108,9 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: "127.0.0.1:8750".into(),
+            tls_cert: None,
+            tls_key: None,
+            allow_plaintext_remote: false,
         }
     }
 }
@@ -199,7 +208,33 @@ impl Config {
                 message: message.into(),
             }
         }
-        self.listen_addr()?;
+        let listen = self.listen_addr()?;
+        match (&self.server.tls_cert, &self.server.tls_key) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    "server.tls_key",
+                    "is required when server.tls_cert is set",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "server.tls_cert",
+                    "is required when server.tls_key is set",
+                ));
+            }
+            (None, None) if !listen.ip().is_loopback() && !self.server.allow_plaintext_remote => {
+                return Err(invalid(
+                    "server.listen",
+                    format!(
+                        "{listen} is not a loopback address and the API has no TLS: tokens and \
+                         keys would cross the network in clear. Set server.tls_cert and \
+                         server.tls_key, or server.allow_plaintext_remote = true if a TLS \
+                         proxy fronts the daemon"
+                    ),
+                ));
+            }
+            _ => {}
+        }
         if self.storage.data_dir.as_os_str().is_empty() {
             return Err(invalid("storage.data_dir", "must not be empty"));
         }
@@ -209,8 +244,28 @@ impl Config {
         if self.account.billing_id.is_empty() {
             return Err(invalid("account.billing_id", "must not be empty"));
         }
+        // Ten years bounds every duration, so that no timestamp arithmetic overflows.
+        const MAX: u64 = 10 * 366 * 24 * 3600;
+        for (key, value) in [
+            ("keys.rotation", self.keys.rotation),
+            ("keys.grace", self.keys.grace),
+            ("keys.stream_retention", self.keys.stream_retention),
+            ("keys.purge_interval", self.keys.purge_interval),
+            ("export.shutdown_timeout", self.export.shutdown_timeout),
+        ] {
+            if value.0 > MAX {
+                return Err(invalid(key, format!("{value} is longer than ten years")));
+            }
+        }
         if self.keys.rotation.0 == 0 {
             return Err(invalid("keys.rotation", "must be at least 1s"));
+        }
+        if self.keys.rotation > self.keys.stream_retention {
+            return Err(invalid(
+                "keys.rotation",
+                "must not be longer than keys.stream_retention (keys would leave the key \
+                 stream while still in use)",
+            ));
         }
         if self.keys.stream_retention.0 == 0 {
             return Err(invalid("keys.stream_retention", "must be at least 1s"));
@@ -294,6 +349,23 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("keys.rotation")
+        );
+        let c = Config::parse("[server]\nlisten = \"0.0.0.0:8750\"\n").unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("allow_plaintext_remote") && err.contains("tls_cert"),
+            "{err}"
+        );
+        let c =
+            Config::parse("[server]\nlisten = \"0.0.0.0:8750\"\nallow_plaintext_remote = true\n")
+                .unwrap();
+        c.validate().unwrap();
+        let c = Config::parse("[server]\ntls_cert = \"/c.pem\"\n").unwrap();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("server.tls_key")
         );
         let c = Config::parse("[export]\nmin_interval = \"2h\"\n").unwrap();
         assert!(

@@ -134,6 +134,23 @@ fn prepare_data_dir(dir: &Path) -> Result<(), DaemonError> {
 }
 
 fn read_master_key(path: &Path, source: &str) -> Result<MasterKey, DaemonError> {
+    let mode = std::fs::metadata(path)
+        .map_err(|e| {
+            startup(format!(
+                "cannot read the master key {} ({source}): {e}",
+                path.display()
+            ))
+        })?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(startup(format!(
+            "the master key {} ({source}) is accessible by other users (mode {:o}); \
+             run chmod 600 on it. The daemon does not start with an exposed master key",
+            path.display(),
+            mode & 0o777
+        )));
+    }
     let text = std::fs::read(path).map_err(|e| {
         startup(format!(
             "cannot read the master key {} ({source}): {e}",
@@ -262,13 +279,18 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
             .map_err(|e| startup(e.to_string()))?,
     );
 
+    let tls = match (&config.server.tls_cert, &config.server.tls_key) {
+        (Some(cert), Some(key)) => Some(api::tls_acceptor(cert, key).map_err(startup)?),
+        _ => None,
+    };
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| startup(format!("cannot listen on {listen} (server.listen): {e}")))?;
     let bound = api::local_addr(&listener).unwrap_or(listen);
     log::info!(
-        "keyexportd {} listening on {bound}; admin token in {}",
+        "keyexportd {} listening on {bound}{}; admin token in {}",
         env!("CARGO_PKG_VERSION"),
+        if tls.is_some() { " (TLS)" } else { "" },
         data_dir.join(ADMIN_TOKEN_FILE).display()
     );
 
@@ -292,7 +314,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         account: config.account.clone(),
     });
     let drain = config.export.shutdown_timeout.as_duration();
-    api::serve(listener, state, shutdown_rx, drain).await;
+    api::serve(listener, state, shutdown_rx, drain, tls).await;
     // Every answered key is on disk now; the exporters close their last batches.
     exporters.shutdown(drain).await;
 

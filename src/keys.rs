@@ -355,13 +355,13 @@ impl Keys {
             return Err(KeysError::StreamNotFound(stream.record.name.clone()));
         }
         let now = now_millis();
-        let rotates_at = now + Seconds(stream.record.key_rotation_secs).as_millis();
+        let rotates_at = now.saturating_add(Seconds(stream.record.key_rotation_secs).as_millis());
         let record = KeyRecord {
             key_stream_id: stream.record.key_stream_id,
             seq: *next,
             created_at: now,
             rotates_at,
-            expires_at: rotates_at + self.settings.grace.as_millis(),
+            expires_at: rotates_at.saturating_add(self.settings.grace.as_millis()),
             field_hash,
             state: KeyState::Live,
         };

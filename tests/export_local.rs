@@ -145,7 +145,7 @@ async fn include_existing_keys_false_starts_at_the_newest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_past_retention_are_never_exported() {
     let d = Daemon::start(
-        "[account]\nkey_export_allowed = true\n[keys]\nstream_retention = \"3s\"\ngrace = \"1s\"\n",
+        "[account]\nkey_export_allowed = true\n[keys]\nstream_retention = \"3s\"\nrotation = \"2s\"\ngrace = \"1s\"\n",
     );
     d.create_stream("s", Some("2s")).await;
     let old = keys(&d, "s", "old", 4).await;
@@ -186,11 +186,15 @@ async fn sigterm_uploads_the_open_batch_and_restart_resumes() {
         d.log()
     );
     d.launch();
-    let tests = read_objects(&dir)
-        .iter()
-        .filter(|(n, b)| n.starts_with(".strm_test_") && b.is_empty())
-        .count();
-    assert_eq!(tests, 2, "a test object at creation and one at the restart");
+    // The restarted exporter writes its test object as it starts.
+    common::eventually(10, "a test object at creation and one at the restart", || async {
+        let tests = read_objects(&dir)
+            .iter()
+            .filter(|(n, b)| n.starts_with(".strm_test_") && b.is_empty())
+            .count();
+        (tests == 2).then_some(())
+    })
+    .await;
     let second = keys(&d, "s", "b", 4).await;
     let st = d.call("GET", "/v1/batch-exporters/e", None).await;
     assert_eq!(st.ok()["batchExporter"]["status"]["exportedKeys"], 7);

@@ -591,6 +591,8 @@ async fn wrong_master_key_stops_the_daemon_and_changes_nothing() {
     assert!(err.contains("master key does not match"), "{err}");
     // The right key again: everything is there.
     std::fs::write(&key_path, original).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
     d.reconfigure("");
     d.launch();
     assert_eq!(d.key("s", "f").await, link);

@@ -112,6 +112,14 @@ impl From<AuthError> for ApiError {
                 ApiError::new(StatusCode::UNAUTHORIZED, e.to_string())
             }
             AuthError::MissingScope(_) => ApiError::forbidden(e.to_string()),
+            AuthError::Invalid(_) => ApiError::bad_request(e.to_string()),
+            AuthError::Exists(_) => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+            AuthError::NotFound(_) => ApiError::not_found(e.to_string()),
+            AuthError::Protected => ApiError {
+                status: StatusCode::CONFLICT,
+                code: "FAILED_PRECONDITION",
+                message: e.to_string(),
+            },
             AuthError::Store(inner) => inner.into(),
             AuthError::TokenFile { .. } => ApiError::internal(e),
         }

@@ -61,6 +61,59 @@ fn check_billing(r: &Ref, billing: &str, field: &str) -> Result<(), ApiError> {
     }
 }
 
+/// Checks a create body and turns it into the domain's request.
+fn new_exporter(body: CreateExporter, billing: &str) -> Result<NewExporter, ApiError> {
+    check_billing(&body.key_stream_ref, billing, "keyStreamRef")?;
+    let name = match (body.name, body.reference) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "give the name as \"name\" or \"ref\", not both",
+            ));
+        }
+        (Some(n), None) => Some(n),
+        (None, Some(r)) => {
+            check_billing(&r, billing, "ref")?;
+            Some(r.name)
+        }
+        (None, None) => None,
+    };
+    let format = match body
+        .format
+        .as_deref()
+        .map(str::to_ascii_uppercase)
+        .as_deref()
+    {
+        None | Some("JSONL") | Some("JSON") => Format::Jsonl,
+        Some("CSV") => Format::Csv,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "format '{other}' is not one of JSONL, CSV"
+            )));
+        }
+    };
+    Ok(NewExporter {
+        name,
+        stream: body.key_stream_ref.name,
+        sink: body.sink_name,
+        interval: body.interval,
+        path_prefix: body.path_prefix,
+        format,
+        include_existing_keys: body.include_existing_keys.unwrap_or(true),
+    })
+}
+
+/// Parses and checks a create body without touching state (fuzzing).
+pub(crate) fn check_body(body: &[u8]) {
+    if let Ok(b) = serde_json::from_slice::<CreateExporter>(body)
+        && let Ok(e) = new_exporter(b, "default")
+    {
+        let _ = crate::export::validate_prefix(&e.path_prefix);
+        if let Some(n) = &e.name {
+            let _ = crate::names::validate("batch exporter", n);
+        }
+    }
+}
+
 pub(crate) async fn handle(one: bool, ctx: Ctx<'_>) -> Reply {
     let exporters = &ctx.state.exporters;
     let billing = ctx.state.account.billing_id.as_str();
@@ -75,45 +128,7 @@ pub(crate) async fn handle(one: bool, ctx: Ctx<'_>) -> Reply {
         }
         (false, _) => {
             let body: CreateExporter = ctx.json()?;
-            check_billing(&body.key_stream_ref, billing, "keyStreamRef")?;
-            let name = match (body.name, body.reference) {
-                (Some(_), Some(_)) => {
-                    return Err(ApiError::bad_request(
-                        "give the name as \"name\" or \"ref\", not both",
-                    ));
-                }
-                (Some(n), None) => Some(n),
-                (None, Some(r)) => {
-                    check_billing(&r, billing, "ref")?;
-                    Some(r.name)
-                }
-                (None, None) => None,
-            };
-            let format = match body
-                .format
-                .as_deref()
-                .map(str::to_ascii_uppercase)
-                .as_deref()
-            {
-                None | Some("JSONL") | Some("JSON") => Format::Jsonl,
-                Some("CSV") => Format::Csv,
-                Some(other) => {
-                    return Err(ApiError::bad_request(format!(
-                        "format '{other}' is not one of JSONL, CSV"
-                    )));
-                }
-            };
-            let def = exporters
-                .create(NewExporter {
-                    name,
-                    stream: body.key_stream_ref.name,
-                    sink: body.sink_name,
-                    interval: body.interval,
-                    path_prefix: body.path_prefix,
-                    format,
-                    include_existing_keys: body.include_existing_keys.unwrap_or(true),
-                })
-                .await?;
+            let def = exporters.create(new_exporter(body, billing)?).await?;
             log::info!(
                 target: "audit",
                 "key export: token '{}' created batch exporter '{}' (stream '{}' -> sink '{}', \

@@ -10,6 +10,7 @@ mod exporters;
 mod keys;
 mod sinks;
 mod streams;
+mod tokens;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -63,35 +64,43 @@ enum Route {
     Exporters,
     Exporter,
     ExporterFlush,
+    Tokens,
+    Token,
 }
 
 impl Route {
-    /// The scope each method of the route needs (`None`: no token needed), or the
+    /// The scopes each method of the route needs (none: no token needed), or the
     /// methods the route allows when `method` is not one of them.
-    fn scope(self, method: &Method) -> Result<Option<Scope>, &'static str> {
+    fn scopes(self, method: &Method) -> Result<&'static [Scope], &'static str> {
         use Route::*;
+        const NONE: &[Scope] = &[];
+        const ADMIN: &[Scope] = &[Scope::Admin];
+        const KEYS: &[Scope] = &[Scope::Keys];
+        // Creating an exporter exports key material: the export scope too.
+        const ADMIN_EXPORT: &[Scope] = &[Scope::Admin, Scope::Export];
         match (self, method) {
-            (Healthz, &Method::GET) => Ok(None),
+            (Healthz, &Method::GET) => Ok(NONE),
             (Healthz, _) => Err("GET"),
-            (Account, &Method::GET) => Ok(Some(Scope::Admin)),
+            (Account, &Method::GET) => Ok(ADMIN),
             (Account, _) => Err("GET"),
-            (Streams, &Method::GET | &Method::POST) => Ok(Some(Scope::Admin)),
-            (Streams, _) => Err("GET, POST"),
-            (Stream, &Method::GET | &Method::DELETE) => Ok(Some(Scope::Admin)),
-            (Stream, _) => Err("GET, DELETE"),
-            (StreamKeys | StreamEncrypt, &Method::POST) => Ok(Some(Scope::Keys)),
+            (Streams | Sinks | Tokens, &Method::GET | &Method::POST) => Ok(ADMIN),
+            (Streams | Sinks | Tokens, _) => Err("GET, POST"),
+            (Stream | Sink | Exporter, &Method::GET | &Method::DELETE) => Ok(ADMIN),
+            (Stream | Sink | Exporter, _) => Err("GET, DELETE"),
+            (Token, &Method::DELETE) => Ok(ADMIN),
+            (Token, _) => Err("DELETE"),
+            (StreamKeys | StreamEncrypt, &Method::POST) => Ok(KEYS),
             (StreamKeys | StreamEncrypt, _) => Err("POST"),
-            (Decrypt, &Method::POST) => Ok(Some(Scope::Decrypt)),
+            (Decrypt, &Method::POST) => Ok(&[Scope::Decrypt]),
             (Decrypt, _) => Err("POST"),
-            (Key, &Method::GET) => Ok(Some(Scope::Keys)),
+            (Key, &Method::GET) => Ok(KEYS),
             (Key, _) => Err("GET"),
-            (KeyExport, &Method::GET) => Ok(Some(Scope::Export)),
+            (KeyExport, &Method::GET) => Ok(&[Scope::Export]),
             (KeyExport, _) => Err("GET"),
-            (Sinks | Exporters, &Method::GET | &Method::POST) => Ok(Some(Scope::Admin)),
-            (Sinks | Exporters, _) => Err("GET, POST"),
-            (Sink | Exporter, &Method::GET | &Method::DELETE) => Ok(Some(Scope::Admin)),
-            (Sink | Exporter, _) => Err("GET, DELETE"),
-            (ExporterFlush, &Method::POST) => Ok(Some(Scope::Admin)),
+            (Exporters, &Method::GET) => Ok(ADMIN),
+            (Exporters, &Method::POST) => Ok(ADMIN_EXPORT),
+            (Exporters, _) => Err("GET, POST"),
+            (ExporterFlush, &Method::POST) => Ok(ADMIN),
             (ExporterFlush, _) => Err("POST"),
         }
     }
@@ -114,6 +123,8 @@ fn router() -> matchit::Router<Route> {
         ("/v1/batch-exporters", Route::Exporters),
         ("/v1/batch-exporters/{name}", Route::Exporter),
         ("/v1/batch-exporters/{name}/flush", Route::ExporterFlush),
+        ("/v1/tokens", Route::Tokens),
+        ("/v1/tokens/{name}", Route::Token),
     ];
     for (path, route) in routes {
         r.insert(path, route).expect("routes do not overlap");
@@ -173,6 +184,7 @@ async fn dispatch(route: Route, ctx: Ctx<'_>) -> Reply {
             exporters::handle(route == Route::Exporter, ctx).await
         }
         Route::ExporterFlush => exporters::flush(ctx).await,
+        Route::Tokens | Route::Token => tokens::handle(route == Route::Token, ctx),
     }
 }
 
@@ -247,9 +259,9 @@ async fn handle(
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        let caller = match route.scope(&method) {
-            Ok(None) => None,
-            Ok(Some(scope)) => Some(state.auth.check(authorization, scope)?),
+        let caller = match route.scopes(&method) {
+            Ok([]) => None,
+            Ok(scopes) => Some(state.auth.check(authorization, scopes)?),
             Err(allowed) => {
                 state.auth.authenticate(authorization)?;
                 return Err(ApiError::new(
@@ -281,13 +293,38 @@ async fn handle(
     }
 }
 
-/// Serves the API on `listener` until `shutdown` turns true, then stops accepting and
-/// lets in-flight requests finish (at most `drain` long).
+/// Serves one connection (plain TCP or TLS) until it closes or the shutdown drains it.
+async fn serve_connection<I>(
+    io: I,
+    state: Arc<ApiState>,
+    router: Arc<matchit::Router<Route>>,
+    watcher: hyper_util::server::graceful::Watcher,
+    peer: SocketAddr,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let state = state.clone();
+        let router = router.clone();
+        async move { Ok::<_, Infallible>(handle(&state, &router, req).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .serve_connection(TokioIo::new(io), service);
+    if let Err(e) = watcher.watch(conn).await {
+        log::debug!("connection from {peer}: {e}");
+    }
+}
+
+/// Serves the API on `listener` (over TLS when `tls` is set) until `shutdown` turns
+/// true, then stops accepting and lets in-flight requests finish (at most `drain`).
 pub async fn serve(
     listener: TcpListener,
     state: Arc<ApiState>,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let router = Arc::new(router());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -303,21 +340,18 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let state = state.clone();
-                let router = router.clone();
-                let service = service_fn(move |req| {
-                    let state = state.clone();
-                    let router = router.clone();
-                    async move { Ok::<_, Infallible>(handle(&state, &router, req).await) }
-                });
-                let conn = http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(30))
-                    .serve_connection(TokioIo::new(stream), service);
-                let conn = graceful.watch(conn);
+                let (state, router, watcher) = (state.clone(), router.clone(), graceful.watcher());
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        log::debug!("connection from {peer}: {e}");
+                    match tls {
+                        None => serve_connection(stream, state, router, watcher, peer).await,
+                        Some(acceptor) => {
+                            match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                                Ok(Ok(s)) => serve_connection(s, state, router, watcher, peer).await,
+                                Ok(Err(e)) => log::debug!("TLS handshake with {peer} failed: {e}"),
+                                Err(_) => log::debug!("TLS handshake with {peer} timed out"),
+                            }
+                        }
                     }
                 });
             }
@@ -330,6 +364,47 @@ pub async fn serve(
         .is_err()
     {
         log::warn!("in-flight requests did not finish within {drain:?}; closing them");
+    }
+}
+
+/// A TLS acceptor from PEM files (certificate chain, private key).
+pub fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("server.tls_cert {}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "server.tls_cert {}: no certificate in the file",
+            cert.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("server.tls_key {}: {e}", key.display()))?;
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("server.tls_cert / server.tls_key: {e}"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Entry points for the fuzz targets (`fuzz/`) and their regression tests.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Runs every request-body parser of the API, with the checks that need no state,
+    /// on `body`. Must never panic.
+    pub fn request_bodies(body: &[u8]) {
+        super::streams::check_body(body);
+        super::keys::check_bodies(body);
+        super::sinks::check_body(body);
+        super::exporters::check_body(body);
+        super::tokens::check_body(body);
     }
 }
 

@@ -62,3 +62,11 @@ pub(crate) async fn handle(one: bool, ctx: Ctx<'_>) -> Reply {
         }
     }
 }
+
+/// Parses and checks a create body without touching state (fuzzing).
+pub(crate) fn check_body(body: &[u8]) {
+    if let Ok(b) = serde_json::from_slice::<CreateStream>(body) {
+        let _ = crate::names::validate("stream", &b.name);
+        let _ = b.key_rotation.map(|r| r.to_string());
+    }
+}

@@ -34,6 +34,10 @@ pub struct Daemon {
     pub http: reqwest::Client,
     /// Extra environment for the next launch (fault injection).
     pub env: Vec<(String, String)>,
+    /// Every answer body received, for the secrets test.
+    pub transcript: std::sync::Mutex<Vec<String>>,
+    /// The certificate the CLI and client trust when the API speaks TLS.
+    pub ca_cert: Option<PathBuf>,
     child: Option<Child>,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -109,9 +113,21 @@ impl Daemon {
                 .build()
                 .unwrap(),
             env: Vec::new(),
+            transcript: Default::default(),
+            ca_cert: None,
             child: None,
             _tmp: None,
         }
+    }
+
+    /// Trusts `pem` (a self-signed certificate) for this daemon's TLS.
+    pub fn trust(&mut self, pem: &Path) {
+        self.ca_cert = Some(pem.to_path_buf());
+        let cert = reqwest::Certificate::from_pem(&std::fs::read(pem).unwrap()).unwrap();
+        self.http = reqwest::Client::builder()
+            .tls_certs_only([cert])
+            .build()
+            .unwrap();
     }
 
     /// Rewrites the config with new overrides (for restarts and SIGHUP).
@@ -144,8 +160,14 @@ impl Daemon {
             let new = &text[start_len.min(text.len())..];
             if let Some(pos) = new.find(" listening on ") {
                 let rest = &new[pos + " listening on ".len()..];
-                let addr = rest.split(';').next().unwrap().trim();
-                self.base = format!("http://{addr}");
+                let line = rest.lines().next().unwrap();
+                let addr = line.split([' ', ';']).next().unwrap();
+                let scheme = if line.contains("(TLS)") {
+                    "https"
+                } else {
+                    "http"
+                };
+                self.base = format!("{scheme}://{addr}");
                 break;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
@@ -256,7 +278,12 @@ impl Daemon {
             req = req.json(&b);
         }
         let resp = req.send().await.unwrap();
-        Answer::from(resp).await
+        self.record(Answer::from(resp).await)
+    }
+
+    fn record(&self, a: Answer) -> Answer {
+        self.transcript.lock().unwrap().push(a.body.to_string());
+        a
     }
 
     /// A request with a raw body and content type.
@@ -278,7 +305,7 @@ impl Daemon {
         if let Some(ct) = content_type {
             req = req.header("content-type", ct);
         }
-        Answer::from(req.send().await.unwrap()).await
+        self.record(Answer::from(req.send().await.unwrap()).await)
     }
 
     pub async fn create_stream(&self, name: &str, rotation: Option<&str>) -> Value {
@@ -304,19 +331,24 @@ impl Daemon {
 
     /// Runs the CLI against this daemon; (success, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(BIN)
-            .args(args)
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
             .arg("--api-host")
-            .arg(self.base.trim_start_matches("http://"))
+            .arg(&self.base)
             .arg("--token-file")
-            .arg(self.data_dir.join("admin.token"))
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
+            .arg(self.data_dir.join("admin.token"));
+        if let Some(ca) = &self.ca_cert {
+            cmd.arg("--ca-cert").arg(ca);
+        }
+        let out = cmd.output().unwrap();
+        let (stdout, stderr) = (
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        );
+        let mut t = self.transcript.lock().unwrap();
+        t.push(stdout.clone());
+        t.push(stderr.clone());
+        (out.status.success(), stdout, stderr)
     }
 }
 
