@@ -102,6 +102,10 @@ pub enum AuthError {
          directory and restarting the daemon"
     )]
     Protected,
+    #[error("token '{0}' is defined in security.tokens_file; remove it there and send SIGHUP")]
+    InFile(String),
+    #[error("security.tokens_file {path}: {message}")]
+    TokensFile { path: String, message: String },
     #[error("cannot write {path}: {source}")]
     TokenFile {
         path: String,
@@ -113,8 +117,26 @@ pub enum AuthError {
 
 pub struct Auth {
     store: Arc<Store>,
-    /// Token hash -> caller, rebuilt from the store on every change.
+    /// Token hash -> caller, rebuilt from the store and the tokens file on every change.
     by_hash: RwLock<HashMap<[u8; 32], Caller>>,
+    /// Tokens provisioned in `security.tokens_file` (hashes only), re-read on SIGHUP.
+    file_tokens: RwLock<Vec<TokenRecord>>,
+}
+
+/// `security.tokens_file`: tokens provisioned by the operator, as SHA-256 hashes.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokensFile {
+    tokens: Vec<FileToken>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileToken {
+    name: String,
+    scopes: Vec<Scope>,
+    /// Hex SHA-256 of the token (`keyexportd hash-token` prints it).
+    sha256: String,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -139,6 +161,7 @@ impl Auth {
         let auth = Auth {
             store,
             by_hash: RwLock::new(HashMap::new()),
+            file_tokens: RwLock::new(Vec::new()),
         };
         if !admin_token_file.exists() {
             let secret = auth.put_token(ADMIN_TOKEN_NAME, &Scope::ALL)?;
@@ -160,7 +183,18 @@ impl Auth {
     /// Re-reads the tokens from the store.
     pub fn reload(&self) -> Result<(), AuthError> {
         let mut map = HashMap::new();
-        for (_, t) in self.store.list::<TokenRecord>(Table::Tokens, "")? {
+        let stored: Vec<TokenRecord> = self
+            .store
+            .list::<TokenRecord>(Table::Tokens, "")?
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect();
+        let from_file = self
+            .file_tokens
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for t in stored.into_iter().chain(from_file) {
             let Some(hash) = unhex(&t.hash) else {
                 log::warn!(
                     "token '{}' has a malformed hash in the store; ignoring it",
@@ -180,6 +214,61 @@ impl Auth {
         Ok(())
     }
 
+    /// Reads `security.tokens_file` and applies it at once; returns what changed, by
+    /// token name (never a secret). On error nothing changes.
+    pub fn load_tokens_file(&self, path: &Path) -> Result<Vec<String>, AuthError> {
+        let bad = |message: String| AuthError::TokensFile {
+            path: path.display().to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let file: TokensFile = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let stored: Vec<String> = self.tokens()?.into_iter().map(|t| t.name).collect();
+        let mut records = Vec::new();
+        for t in file.tokens {
+            crate::names::validate("token", &t.name).map_err(bad)?;
+            if unhex(&t.sha256.to_ascii_lowercase()).is_none() {
+                return Err(bad(format!(
+                    "token '{}': sha256 must be 64 hex digits",
+                    t.name
+                )));
+            }
+            if stored.contains(&t.name) || records.iter().any(|r: &TokenRecord| r.name == t.name) {
+                return Err(bad(format!("token name '{}' is used twice", t.name)));
+            }
+            if t.scopes.is_empty() {
+                return Err(bad(format!("token '{}' has no scope", t.name)));
+            }
+            records.push(TokenRecord {
+                name: t.name,
+                scopes: t.scopes,
+                hash: t.sha256.to_ascii_lowercase(),
+                created_at: 0,
+            });
+        }
+        let mut changes = Vec::new();
+        {
+            let mut current = self.file_tokens.write().unwrap_or_else(|e| e.into_inner());
+            for r in &records {
+                match current.iter().find(|c| c.name == r.name) {
+                    None => changes.push(format!("added token '{}'", r.name)),
+                    Some(c) if c.hash != r.hash || c.scopes != r.scopes => {
+                        changes.push(format!("changed token '{}'", r.name))
+                    }
+                    Some(_) => {}
+                }
+            }
+            for c in current.iter() {
+                if !records.iter().any(|r| r.name == c.name) {
+                    changes.push(format!("removed token '{}'", c.name));
+                }
+            }
+            *current = records;
+        }
+        self.reload()?;
+        Ok(changes)
+    }
+
     /// Creates the token `name` with `scopes`; returns its secret, shown only now.
     pub fn create_token(
         &self,
@@ -187,6 +276,9 @@ impl Auth {
         scopes: &[Scope],
     ) -> Result<(TokenRecord, String), AuthError> {
         crate::names::validate("token", name).map_err(AuthError::Invalid)?;
+        if self.file_tokens().iter().any(|t| t.name == name) {
+            return Err(AuthError::Exists(name.to_string()));
+        }
         if scopes.is_empty() {
             return Err(AuthError::Invalid(
                 "scopes must name at least one of admin, keys, decrypt, export, metrics".into(),
@@ -217,11 +309,22 @@ impl Auth {
             .collect())
     }
 
+    /// Tokens of the tokens file (never a secret).
+    pub fn file_tokens(&self) -> Vec<TokenRecord> {
+        self.file_tokens
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Revokes a token at once. The bootstrap admin token is rotated instead, by
     /// deleting its file and restarting, so that an operator cannot lock themselves out.
     pub fn revoke(&self, name: &str) -> Result<(), AuthError> {
         if name == ADMIN_TOKEN_NAME {
             return Err(AuthError::Protected);
+        }
+        if self.file_tokens().iter().any(|t| t.name == name) {
+            return Err(AuthError::InFile(name.to_string()));
         }
         if !self.store.remove(Table::Tokens, name)? {
             return Err(AuthError::NotFound(name.to_string()));
@@ -282,6 +385,11 @@ impl Auth {
     }
 }
 
+/// The hex SHA-256 of a token, as `security.tokens_file` wants it.
+pub fn token_hash(secret: &str) -> String {
+    hex(&crypto::sha256(secret.trim().as_bytes()))
+}
+
 /// Writes a secret to a new file readable only by its owner.
 pub fn write_secret_file(path: &Path, secret: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
@@ -305,7 +413,7 @@ mod tests {
     #[test]
     fn bootstrap_token_checks_and_rotation() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(&dir.path().join("db"), 8 << 20).unwrap());
+        let store = Arc::new(Store::open(&dir.path().join("db"), 8 << 20, 0).unwrap());
         let file = dir.path().join("admin.token");
         let auth = Auth::open(store.clone(), &file).unwrap();
         let secret = std::fs::read_to_string(&file).unwrap();

@@ -32,6 +32,8 @@ pub enum Command {
     },
     /// Write a new master key (a Tink JSON AES256_GCM keyset) to FILE, mode 0600.
     GenerateMasterKey { file: PathBuf },
+    /// Print the SHA-256 of the token read from stdin, for security.tokens_file.
+    HashToken,
     /// Create a resource.
     Create {
         #[command(flatten)]
@@ -575,7 +577,7 @@ async fn client_command(command: Command) -> Result<(), String> {
                 .await?;
             c.print(&value);
         }
-        Command::Serve { .. } | Command::GenerateMasterKey { .. } => {
+        Command::Serve { .. } | Command::GenerateMasterKey { .. } | Command::HashToken => {
             unreachable!("handled by main")
         }
     }
@@ -615,6 +617,15 @@ pub fn main(cli: Cli) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::HashToken => {
+            let mut secret = String::new();
+            if let Err(e) = std::io::stdin().read_line(&mut secret) {
+                eprintln!("keyexportd: cannot read the token from stdin: {e}");
+                return ExitCode::FAILURE;
+            }
+            println!("{}", crate::auth::token_hash(&secret));
+            ExitCode::SUCCESS
+        }
         command => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -57,6 +57,9 @@ pub struct StorageConfig {
     pub data_dir: PathBuf,
     /// sled's page cache in MiB: the main knob for the daemon's resident memory.
     pub cache_capacity_mb: u64,
+    /// Writes are refused (503) while less than this is free on the data directory's
+    /// disk, so that the database never runs out of space mid-write. 0 disables.
+    pub min_free_mb: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -94,6 +97,9 @@ pub struct SecurityConfig {
     /// daemon uses `$CREDENTIALS_DIRECTORY/master.key` (systemd `LoadCredential=`), else
     /// `<data_dir>/master.key`, generating it on first start.
     pub master_key_file: Option<PathBuf>,
+    /// JSON file of operator-provisioned tokens (hashes only), re-read on SIGHUP:
+    /// `{"tokens":[{"name":"pipeline","scopes":["keys"],"sha256":"<hex>"}]}`.
+    pub tokens_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -120,6 +126,7 @@ impl Default for StorageConfig {
         StorageConfig {
             data_dir: PathBuf::from("./keyexportd-data"),
             cache_capacity_mb: 64,
+            min_free_mb: 64,
         }
     }
 }

@@ -236,7 +236,12 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
 
     let db_dir = data_dir.join("db");
     let master = Arc::new(load_master_key(&config, db_dir.exists())?);
-    let store = Store::open(&db_dir, config.storage.cache_capacity_mb << 20).map_err(|e| {
+    let store = Store::open(
+        &db_dir,
+        config.storage.cache_capacity_mb << 20,
+        config.storage.min_free_mb << 20,
+    )
+    .map_err(|e| {
         let text = e.to_string();
         if text.contains("lock") || text.contains("WouldBlock") {
             startup(format!(
@@ -278,6 +283,12 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         Auth::open(store.clone(), &data_dir.join(ADMIN_TOKEN_FILE))
             .map_err(|e| startup(e.to_string()))?,
     );
+    if let Some(path) = &config.security.tokens_file {
+        let loaded = auth
+            .load_tokens_file(path)
+            .map_err(|e| startup(e.to_string()))?;
+        log::info!("security.tokens_file: {} token(s)", loaded.len());
+    }
 
     let tls = match (&config.server.tls_cert, &config.server.tls_key) {
         (Some(cert), Some(key)) => Some(api::tls_acceptor(cert, key).map_err(startup)?),
@@ -295,16 +306,30 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     );
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shutdown_tx = Arc::new(shutdown_tx);
+    // Set when the daemon stops because it cannot go on; `run` then fails.
+    let fatal: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
     let signals = tokio::spawn(handle_signals(
         config_path.clone(),
         config.clone(),
         auth.clone(),
-        shutdown_tx,
+        shutdown_tx.clone(),
     ));
+    {
+        // The live-keys gauge needs one scan; it must not delay readiness.
+        let keys = keys.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = keys.count_live() {
+                log::warn!("counting live keys for metrics failed: {e}");
+            }
+        });
+    }
     let janitor = tokio::spawn(run_janitor(
         keys.clone(),
         Duration::from_secs(config.keys.purge_interval.0),
         shutdown_rx.clone(),
+        shutdown_tx.clone(),
+        fatal.clone(),
     ));
 
     let state = Arc::new(ApiState {
@@ -312,6 +337,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         exporters: exporters.clone(),
         auth,
         account: config.account.clone(),
+        metrics: api::Metrics::new(keys.clone(), exporters.clone()),
     });
     let drain = config.export.shutdown_timeout.as_duration();
     api::serve(listener, state, shutdown_rx, drain, tls).await;
@@ -320,6 +346,9 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
 
     let _ = janitor.await;
     signals.abort();
+    if let Some(reason) = fatal.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        return Err(startup(reason));
+    }
     store
         .close()
         .map_err(|e| startup(format!("final flush of the database failed: {e}")))?;
@@ -332,7 +361,7 @@ async fn handle_signals(
     config_path: Option<PathBuf>,
     mut current: Config,
     auth: Arc<Auth>,
-    shutdown: watch::Sender<bool>,
+    shutdown: Arc<watch::Sender<bool>>,
 ) {
     let mut signals = match signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(s) => s,
@@ -361,6 +390,25 @@ async fn handle_signals(
                         } else {
                             log::info!("log.level unchanged ('{}')", new.log.level);
                         }
+                        match &new.security.tokens_file {
+                            Some(path) => match auth.load_tokens_file(path) {
+                                Ok(changes) if changes.is_empty() => {
+                                    log::info!("security.tokens_file unchanged")
+                                }
+                                Ok(changes) => log::info!(
+                                    "security.tokens_file reloaded: {}",
+                                    changes.join(", ")
+                                ),
+                                Err(e) => log::error!("{e}; the previous tokens stay in force"),
+                            },
+                            None if current.security.tokens_file.is_some() => {
+                                log::warn!(
+                                    "security.tokens_file was removed from the config; its \
+                                     tokens stay in force until the daemon restarts"
+                                )
+                            }
+                            None => {}
+                        }
                         if let Err(e) = auth.reload() {
                             log::error!("reloading tokens failed: {e}");
                         }
@@ -377,8 +425,16 @@ async fn handle_signals(
     }
 }
 
-/// Purges expired keys and trims key streams every `every`, off the async workers.
-async fn run_janitor(keys: Arc<Keys>, every: Duration, mut shutdown: watch::Receiver<bool>) {
+/// Purges expired keys and trims key streams every `every`, off the async workers, and
+/// watches the store: after an I/O error sled refuses every write for good, so the
+/// daemon stops with an error (systemd restarts it and sled recovers from its log).
+async fn run_janitor(
+    keys: Arc<Keys>,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+    stop: Arc<watch::Sender<bool>>,
+    fatal: Arc<std::sync::Mutex<Option<String>>>,
+) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -391,6 +447,16 @@ async fn run_janitor(keys: Arc<Keys>, every: Duration, mut shutdown: watch::Rece
             Ok(Ok(())) => {}
             Ok(Err(e)) => log::warn!("key maintenance failed, will retry: {e}"),
             Err(e) => log::error!("key maintenance panicked: {e}"),
+        }
+        if let Some(failure) = keys.store_failure() {
+            let reason = format!(
+                "the database hit an I/O error and accepts no more writes ({failure}); \
+                 stopping so that a restart recovers it from its log"
+            );
+            log::error!("{reason}");
+            *fatal.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+            let _ = stop.send(true);
+            return;
         }
     }
 }

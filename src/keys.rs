@@ -114,6 +114,11 @@ pub struct KeyCounters {
     pub created: AtomicU64,
     pub purged: AtomicU64,
     pub trimmed: AtomicU64,
+    /// Keys not yet purged: created minus purged since start, plus the count taken by
+    /// [`Keys::count_live`] at start-up (keys created during that scan may count twice).
+    pub live: std::sync::atomic::AtomicI64,
+    /// Set once the start-up count has been added to `live`.
+    pub live_counted: AtomicBool,
 }
 
 /// What a creation in progress is waiting for, by (key stream, keyed hash).
@@ -372,6 +377,7 @@ impl Keys {
         })?;
         *next += 1;
         self.counters.created.fetch_add(1, Ordering::Relaxed);
+        self.adjust_live(1);
         Ok(CurrentKey {
             key_link,
             seq: record.seq,
@@ -583,6 +589,62 @@ impl Keys {
         Ok(crypto::keyset_json(&keyset)?)
     }
 
+    // --- figures for metrics ---------------------------------------------------------
+
+    fn adjust_live(&self, delta: i64) {
+        self.counters.live.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// Counts the keys that were live at start-up (a scan; run it off the async workers).
+    pub fn count_live(&self) -> Result<()> {
+        let n = self.store.count_live_keys()? as i64;
+        self.adjust_live(n);
+        self.counters.live_counted.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Entries in a stream's key stream.
+    pub fn stream_length(&self, stream: &KeyStream) -> u64 {
+        let oldest = self.oldest_seq(stream).ok().flatten().unwrap_or(0);
+        self.next_seq(stream).saturating_sub(oldest)
+    }
+
+    /// Streams with their key stream handles, for metrics.
+    pub fn key_streams(&self) -> Vec<Arc<KeyStream>> {
+        self.streams
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Size of the database on disk, in bytes.
+    pub fn store_size(&self) -> Result<u64> {
+        Ok(self.store.size_on_disk()?)
+    }
+
+    /// The store's fatal failure, if it had one (sled stops for good after an I/O error).
+    pub fn store_failure(&self) -> Option<String> {
+        match self.store.writable() {
+            Err(e) if e.is_fatal() => Some(e.to_string()),
+            _ => None,
+        }
+    }
+
+    /// Readiness: the store takes a write and the master key unwraps the install secret.
+    pub fn ready(&self) -> Result<()> {
+        self.store.writable()?;
+        let wrapped = self
+            .store
+            .get_raw(Table::Meta, META_HMAC_SECRET)?
+            .ok_or_else(|| KeysError::Invalid("the install secret is missing".into()))?;
+        self.master
+            .unwrap(&wrapped, crypto::AD_HMAC_SECRET)
+            .map_err(|_| KeysError::WrongMasterKey("the loaded key cannot unwrap it".into()))?;
+        Ok(())
+    }
+
     // --- janitor --------------------------------------------------------------------
 
     /// One round of maintenance: purge expired keys, trim key streams past retention,
@@ -598,6 +660,7 @@ impl Keys {
             self.counters
                 .purged
                 .fetch_add(expired.len() as u64, Ordering::Relaxed);
+            self.adjust_live(-(expired.len() as i64));
             if expired.len() < BATCH {
                 break;
             }
@@ -639,7 +702,7 @@ mod tests {
     }
 
     fn open(dir: &std::path::Path, master: Arc<MasterKey>) -> Result<Keys> {
-        let store = Arc::new(Store::open(&dir.join("db"), 8 << 20).unwrap());
+        let store = Arc::new(Store::open(&dir.join("db"), 8 << 20, 0).unwrap());
         Keys::open(store, master, settings())
     }
 

@@ -44,6 +44,11 @@ pub enum StoreError {
     Flush(String),
     #[error("corrupt {what} record in the database: {detail}")]
     Corrupt { what: &'static str, detail: String },
+    #[error(
+        "the disk holding the data directory is full: {free_mb} MiB free, writes need \
+         storage.min_free_mb = {reserve_mb} MiB"
+    )]
+    Full { free_mb: u64, reserve_mb: u64 },
 }
 
 impl StoreError {
@@ -52,8 +57,14 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            StoreError::Flush(_) | StoreError::Sled(sled::Error::Io(_))
+            StoreError::Flush(_) | StoreError::Full { .. } | StoreError::Sled(sled::Error::Io(_))
         )
+    }
+
+    /// True when sled itself hit an I/O error: sled stops for good after one, so the
+    /// daemon must restart to recover from its log.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, StoreError::Sled(sled::Error::Io(_)))
     }
 }
 
@@ -331,6 +342,57 @@ impl GroupCommit {
 }
 
 // ---------------------------------------------------------------------------------------
+// Free-space guard
+// ---------------------------------------------------------------------------------------
+
+/// Refuses writes while the data directory's file system has less than `reserve` bytes
+/// free. sled stops for good after an I/O error such as ENOSPC, so the daemon keeps it
+/// from ever running into one: requests get 503 while the disk is full, and writes
+/// resume by themselves once space returns.
+struct SpaceGuard {
+    dir: std::path::PathBuf,
+    reserve: u64,
+    /// When the free space was last read (ms); it is read at most every 100 ms.
+    checked_at: AtomicU64,
+    /// Free bytes at the last reading.
+    free: AtomicU64,
+}
+
+impl SpaceGuard {
+    fn free_bytes(dir: &Path) -> Option<u64> {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid C string and a properly sized out-parameter.
+        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+            return None;
+        }
+        Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.reserve == 0 {
+            return Ok(());
+        }
+        let now = crate::duration::now_millis();
+        if now.saturating_sub(self.checked_at.load(Ordering::Relaxed)) >= 100 {
+            self.checked_at.store(now, Ordering::Relaxed);
+            if let Some(free) = Self::free_bytes(&self.dir) {
+                self.free.store(free, Ordering::Relaxed);
+            }
+        }
+        let free = self.free.load(Ordering::Relaxed);
+        if free < self.reserve {
+            return Err(StoreError::Full {
+                free_mb: free >> 20,
+                reserve_mb: self.reserve >> 20,
+            });
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Store
 // ---------------------------------------------------------------------------------------
 
@@ -343,11 +405,13 @@ pub struct Store {
     exporters: sled::Tree,
     commit: Arc<GroupCommit>,
     flusher: Mutex<Option<JoinHandle<()>>>,
+    space: SpaceGuard,
 }
 
 impl Store {
     /// Opens (or creates) the database in `dir`. Fails when another process holds it.
-    pub fn open(dir: &Path, cache_capacity_bytes: u64) -> Result<Store> {
+    /// Writes are refused while less than `min_free_bytes` are free on its disk.
+    pub fn open(dir: &Path, cache_capacity_bytes: u64, min_free_bytes: u64) -> Result<Store> {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_capacity_bytes)
@@ -382,6 +446,12 @@ impl Store {
             exporters,
             commit,
             flusher: Mutex::new(Some(flusher)),
+            space: SpaceGuard {
+                dir: dir.to_path_buf(),
+                reserve: min_free_bytes,
+                checked_at: AtomicU64::new(0),
+                free: AtomicU64::new(u64::MAX),
+            },
         })
     }
 
@@ -427,6 +497,7 @@ impl Store {
 
     /// Cheap write probe for readiness: the store accepts writes.
     pub fn writable(&self) -> Result<()> {
+        self.space.check()?;
         self.meta
             .insert(b"probe", &crate::duration::now_millis().to_be_bytes())?;
         Ok(())
@@ -446,6 +517,7 @@ impl Store {
 
     /// Inserts a new stream; `Ok(false)` when the name exists.
     pub fn insert_stream(&self, s: &StreamRecord) -> Result<bool> {
+        self.space.check()?;
         let value = serde_json::to_vec(s).expect("stream record serializes");
         Ok(self
             .keys
@@ -455,6 +527,7 @@ impl Store {
 
     /// Removes the stream and marks its key stream for the janitor to delete.
     pub fn delete_stream(&self, s: &StreamRecord) -> Result<()> {
+        self.space.check()?;
         let mut batch = sled::Batch::default();
         batch.remove(stream_key(&s.name));
         batch.insert(
@@ -525,6 +598,7 @@ impl Store {
     /// entry in one atomic batch. The caller serialises calls per key stream so that
     /// entries appear in sequence order.
     pub fn insert_key(&self, k: &NewKey<'_>) -> Result<()> {
+        self.space.check()?;
         let r = &k.record;
         let mut batch = sled::Batch::default();
         batch.insert(
@@ -700,6 +774,7 @@ impl Store {
     }
 
     pub fn put_raw(&self, t: Table, key: &[u8], value: &[u8]) -> Result<()> {
+        self.space.check()?;
         self.table(t).insert(key, value)?;
         Ok(())
     }
@@ -712,6 +787,7 @@ impl Store {
     }
 
     pub fn put<T: Serialize>(&self, t: Table, key: &str, value: &T) -> Result<()> {
+        self.space.check()?;
         let bytes = serde_json::to_vec(value).expect("records serialize");
         self.table(t).insert(key, bytes)?;
         Ok(())
@@ -719,6 +795,7 @@ impl Store {
 
     /// Inserts unless `key` exists; `Ok(false)` when it does.
     pub fn insert_new<T: Serialize>(&self, t: Table, key: &str, value: &T) -> Result<bool> {
+        self.space.check()?;
         let bytes = serde_json::to_vec(value).expect("records serialize");
         Ok(self
             .table(t)
@@ -746,6 +823,7 @@ impl Store {
 
     /// Applies puts (`Some`) and removes (`None`) to one table atomically.
     pub fn apply(&self, t: Table, ops: Vec<(String, Option<Vec<u8>>)>) -> Result<()> {
+        self.space.check()?;
         let mut batch = sled::Batch::default();
         for (k, v) in ops {
             match v {
@@ -783,7 +861,7 @@ mod tests {
 
     fn open() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db"), 8 << 20).unwrap();
+        let store = Store::open(&dir.path().join("db"), 8 << 20, 0).unwrap();
         (dir, store)
     }
 
@@ -813,12 +891,12 @@ mod tests {
         let ksid = Uuid::new_v4();
         let link;
         {
-            let store = Store::open(&dir.path().join("db"), 8 << 20).unwrap();
+            let store = Store::open(&dir.path().join("db"), 8 << 20, 0).unwrap();
             link = new_key(&store, ksid, 0, 1, 100, 200);
             store.sync().await.unwrap();
             store.close().unwrap();
         }
-        let store = Store::open(&dir.path().join("db"), 8 << 20).unwrap();
+        let store = Store::open(&dir.path().join("db"), 8 << 20, 0).unwrap();
         let cur = store.current(ksid, &[1; 32]).unwrap().unwrap();
         assert_eq!(cur.key_link, link);
         assert_eq!(cur.rotates_at, 110);

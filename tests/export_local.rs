@@ -187,13 +187,17 @@ async fn sigterm_uploads_the_open_batch_and_restart_resumes() {
     );
     d.launch();
     // The restarted exporter writes its test object as it starts.
-    common::eventually(10, "a test object at creation and one at the restart", || async {
-        let tests = read_objects(&dir)
-            .iter()
-            .filter(|(n, b)| n.starts_with(".strm_test_") && b.is_empty())
-            .count();
-        (tests == 2).then_some(())
-    })
+    common::eventually(
+        10,
+        "a test object at creation and one at the restart",
+        || async {
+            let tests = read_objects(&dir)
+                .iter()
+                .filter(|(n, b)| n.starts_with(".strm_test_") && b.is_empty())
+                .count();
+            (tests == 2).then_some(())
+        },
+    )
     .await;
     let second = keys(&d, "s", "b", 4).await;
     let st = d.call("GET", "/v1/batch-exporters/e", None).await;

@@ -76,6 +76,7 @@ fn routes(link: &str) -> Vec<(&'static str, String, Option<Value>, &'static [&'s
             &["admin"],
         ),
         ("DELETE", "/v1/tokens/t".into(), None, &["admin"]),
+        ("GET", "/metrics".into(), None, &["metrics"]),
     ]
 }
 
@@ -158,6 +159,23 @@ async fn every_route_checks_its_scopes() {
     assert_eq!(a.ok()["keyLink"], link.as_str());
     let a = d.call_as(None, "GET", "/healthz", None).await;
     a.ok();
+    let a = d.call_as(None, "GET", "/readyz", None).await;
+    assert_eq!(a.ok()["status"], "ready");
+    let metrics = d
+        .http
+        .get(format!("{}/metrics", d.base))
+        .bearer_auth(&tokens[4].1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), 200);
+    assert!(
+        metrics
+            .text()
+            .await
+            .unwrap()
+            .contains("keyexportd_keys_created_total")
+    );
     assert_eq!(
         d.call("GET", "/v1/streams", None).await.body,
         streams_before

@@ -76,6 +76,12 @@ fn code_of(status: StatusCode) -> &'static str {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
+        if let StoreError::Full { .. } = e {
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{e}; nothing was changed, retry when space is freed"),
+            );
+        }
         if e.is_unavailable() {
             log::warn!("store unavailable: {e}");
             ApiError::new(
@@ -121,7 +127,12 @@ impl From<AuthError> for ApiError {
                 message: e.to_string(),
             },
             AuthError::Store(inner) => inner.into(),
-            AuthError::TokenFile { .. } => ApiError::internal(e),
+            AuthError::InFile(_) => ApiError {
+                status: StatusCode::CONFLICT,
+                code: "FAILED_PRECONDITION",
+                message: e.to_string(),
+            },
+            AuthError::TokenFile { .. } | AuthError::TokensFile { .. } => ApiError::internal(e),
         }
     }
 }

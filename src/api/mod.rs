@@ -8,6 +8,7 @@
 mod error;
 mod exporters;
 mod keys;
+mod metrics;
 mod sinks;
 mod streams;
 mod tokens;
@@ -30,6 +31,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use error::ApiError;
+pub use metrics::Metrics;
 
 use crate::auth::{Auth, Caller, Scope};
 use crate::config::AccountConfig;
@@ -45,12 +47,15 @@ pub struct ApiState {
     pub exporters: Arc<Exporters>,
     pub auth: Arc<Auth>,
     pub account: AccountConfig,
+    pub metrics: Metrics,
 }
 
 /// The routes, one per path pattern; the method is dispatched by the handler.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Route {
     Healthz,
+    Readyz,
+    Metrics,
     Account,
     Streams,
     Stream,
@@ -79,8 +84,10 @@ impl Route {
         // Creating an exporter exports key material: the export scope too.
         const ADMIN_EXPORT: &[Scope] = &[Scope::Admin, Scope::Export];
         match (self, method) {
-            (Healthz, &Method::GET) => Ok(NONE),
-            (Healthz, _) => Err("GET"),
+            (Healthz | Readyz, &Method::GET) => Ok(NONE),
+            (Healthz | Readyz, _) => Err("GET"),
+            (Metrics, &Method::GET) => Ok(&[Scope::Metrics]),
+            (Metrics, _) => Err("GET"),
             (Account, &Method::GET) => Ok(ADMIN),
             (Account, _) => Err("GET"),
             (Streams | Sinks | Tokens, &Method::GET | &Method::POST) => Ok(ADMIN),
@@ -106,28 +113,33 @@ impl Route {
     }
 }
 
-fn router() -> matchit::Router<Route> {
+/// The route table: path pattern (also the `route` label of metrics) and route.
+const ROUTES: [(&str, Route); 18] = [
+    ("/healthz", Route::Healthz),
+    ("/readyz", Route::Readyz),
+    ("/metrics", Route::Metrics),
+    ("/v1/account", Route::Account),
+    ("/v1/streams", Route::Streams),
+    ("/v1/streams/{name}", Route::Stream),
+    ("/v1/streams/{name}/keys", Route::StreamKeys),
+    ("/v1/streams/{name}/encrypt", Route::StreamEncrypt),
+    ("/v1/decrypt", Route::Decrypt),
+    ("/v1/keys/{keyLink}", Route::Key),
+    ("/v1/keys/{keyLink}/export", Route::KeyExport),
+    ("/v1/sinks", Route::Sinks),
+    ("/v1/sinks/{name}", Route::Sink),
+    ("/v1/batch-exporters", Route::Exporters),
+    ("/v1/batch-exporters/{name}", Route::Exporter),
+    ("/v1/batch-exporters/{name}/flush", Route::ExporterFlush),
+    ("/v1/tokens", Route::Tokens),
+    ("/v1/tokens/{name}", Route::Token),
+];
+
+fn router() -> matchit::Router<(Route, &'static str)> {
     let mut r = matchit::Router::new();
-    let routes = [
-        ("/healthz", Route::Healthz),
-        ("/v1/account", Route::Account),
-        ("/v1/streams", Route::Streams),
-        ("/v1/streams/{name}", Route::Stream),
-        ("/v1/streams/{name}/keys", Route::StreamKeys),
-        ("/v1/streams/{name}/encrypt", Route::StreamEncrypt),
-        ("/v1/decrypt", Route::Decrypt),
-        ("/v1/keys/{keyLink}", Route::Key),
-        ("/v1/keys/{keyLink}/export", Route::KeyExport),
-        ("/v1/sinks", Route::Sinks),
-        ("/v1/sinks/{name}", Route::Sink),
-        ("/v1/batch-exporters", Route::Exporters),
-        ("/v1/batch-exporters/{name}", Route::Exporter),
-        ("/v1/batch-exporters/{name}/flush", Route::ExporterFlush),
-        ("/v1/tokens", Route::Tokens),
-        ("/v1/tokens/{name}", Route::Token),
-    ];
-    for (path, route) in routes {
-        r.insert(path, route).expect("routes do not overlap");
+    for (path, route) in ROUTES {
+        r.insert(path, (route, path))
+            .expect("routes do not overlap");
     }
     r
 }
@@ -169,6 +181,18 @@ pub(crate) fn ok(value: serde_json::Value) -> Reply {
 async fn dispatch(route: Route, ctx: Ctx<'_>) -> Reply {
     match route {
         Route::Healthz => ok(serde_json::json!({"status": "ok"})),
+        Route::Readyz => match ctx.state.keys.ready() {
+            Ok(()) => ok(serde_json::json!({"status": "ready"})),
+            Err(e) => {
+                log::warn!("not ready: {e}");
+                Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {e}"),
+                ))
+            }
+        },
+        // The one answer that is not JSON: see `handle`.
+        Route::Metrics => ok(serde_json::Value::String(ctx.state.metrics.render())),
         Route::Account => ok(serde_json::json!({
             "billingId": ctx.state.account.billing_id,
             "keyExportAllowed": ctx.state.account.key_export_allowed,
@@ -245,15 +269,21 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
 
 async fn handle(
     state: &ApiState,
-    router: &matchit::Router<Route>,
+    router: &matchit::Router<(Route, &'static str)>,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
+    let started = std::time::Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let matched = router
+        .at(&path)
+        .ok()
+        .map(|m| (*m.value, m.params.iter().next().map(|(_, v)| v.to_string())));
+    let pattern = matched.as_ref().map_or("unmatched", |((_, p), _)| *p);
+    let route = matched.as_ref().map(|((r, _), _)| *r);
     let result: Reply = async {
-        let (route, param) = match router.at(&path) {
-            Ok(m) => (*m.value, m.params.iter().next().map(|(_, v)| v.to_string())),
-            Err(_) => return Err(ApiError::not_found(format!("no route {path}"))),
+        let Some(((route, _), param)) = matched else {
+            return Err(ApiError::not_found(format!("no route {path}")));
         };
         let authorization = req
             .headers()
@@ -281,7 +311,16 @@ async fn handle(
         dispatch(route, ctx).await
     }
     .await;
-    match result {
+    let response = match result {
+        Ok((status, serde_json::Value::String(text))) if route == Some(Route::Metrics) => {
+            let mut resp = Response::new(Full::new(Bytes::from(text)));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            *resp.status_mut() = status;
+            resp
+        }
         Ok((status, body)) => {
             log::debug!("{method} {path} -> {}", status.as_u16());
             respond(status, &body)
@@ -290,14 +329,21 @@ async fn handle(
             log::debug!("{method} {path} -> {}: {}", e.status.as_u16(), e.message);
             respond(e.status, &e.body())
         }
-    }
+    };
+    state.metrics.observe(
+        pattern,
+        method.as_str(),
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    response
 }
 
 /// Serves one connection (plain TCP or TLS) until it closes or the shutdown drains it.
 async fn serve_connection<I>(
     io: I,
     state: Arc<ApiState>,
-    router: Arc<matchit::Router<Route>>,
+    router: Arc<matchit::Router<(Route, &'static str)>>,
     watcher: hyper_util::server::graceful::Watcher,
     peer: SocketAddr,
 ) where

@@ -43,7 +43,13 @@ pub(crate) fn handle(one: bool, ctx: Ctx<'_>) -> Reply {
     let auth = &ctx.state.auth;
     match (one, &ctx.method) {
         (false, &Method::GET) => {
-            let list: Vec<_> = auth.tokens()?.iter().map(view).collect();
+            let mut list: Vec<_> = auth.tokens()?.iter().map(view).collect();
+            list.extend(auth.file_tokens().iter().map(|t| {
+                let mut v = view(t);
+                v["createdAt"] = json!(null);
+                v["source"] = json!("tokens_file");
+                v
+            }));
             ok(json!({ "tokens": list }))
         }
         (false, _) => {

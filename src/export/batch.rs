@@ -151,6 +151,9 @@ pub struct Status {
     pub pending_keys: u64,
     pub last_error: Option<String>,
     pub next_batch_at: Option<u64>,
+    /// Objects written and failed batch attempts since the daemon started (metrics).
+    pub objects_written: u64,
+    pub failed_attempts: u64,
 }
 
 impl Status {
@@ -442,7 +445,11 @@ impl Runner {
                 }
             };
             match result {
-                Ok(_) => {
+                Ok(objects) => {
+                    self.status
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .objects_written += objects.len() as u64;
                     self.set_error(None);
                     retry = None;
                     wake_at = self.next_boundary(now_millis());
@@ -460,6 +467,10 @@ impl Runner {
                         rfc3339(wake_at)
                     );
                     self.set_error(Some(format!("{}: {e}", rfc3339(now_millis()))));
+                    self.status
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .failed_attempts += 1;
                 }
             }
         }
