@@ -186,11 +186,13 @@ pub struct Runner {
     pub write_test_object: bool,
 }
 
-/// How long to wait before retrying a failed batch: capped, jittered, exponential.
+/// How long to wait before retrying a failed batch: exponential from 1 s, jittered
+/// (backon adds up to the delay again), capped at half the interval (at most 30 s) so
+/// that a sink that comes back is written to within one interval.
 fn backoff(interval: Duration) -> backon::ExponentialBackoff {
     backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_secs(1))
-        .with_max_delay(interval.clamp(Duration::from_secs(2), Duration::from_secs(60)))
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay((interval / 2).clamp(Duration::from_secs(1), Duration::from_secs(30)))
         .with_jitter()
         .without_max_times()
         .build()
