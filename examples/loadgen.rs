@@ -100,9 +100,9 @@ async fn main() {
             let url = format!("{}/v1/streams/{}/keys", args.base, args.stream);
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
-                if args.rate > 0 {
-                    // Request n is due at n / rate seconds after the start.
-                    let due = started + Duration::from_micros(n * 1_000_000 / args.rate);
+                // Request n is due at n / rate seconds after the start.
+                if let Some(micros) = (n * 1_000_000).checked_div(args.rate) {
+                    let due = started + Duration::from_micros(micros);
                     tokio::time::sleep_until(due.into()).await;
                 }
                 if Instant::now() >= deadline {
