@@ -34,6 +34,42 @@ pub enum Command {
     GenerateMasterKey { file: PathBuf },
     /// Print the SHA-256 of the token read from stdin, for security.tokens_file.
     HashToken,
+    /// Decrypt fields of JSON Lines events with exported key objects (offline).
+    Decrypt {
+        /// A directory of exported objects, or s3://bucket/prefix.
+        #[arg(long, value_name = "LOCATION")]
+        keys: String,
+        /// Where each event's keyLink is (dotted path).
+        #[arg(long, default_value = "strmMeta.keyLink")]
+        key_link_field: String,
+        /// A field to decrypt (dotted path); repeat for several.
+        #[arg(long = "field", value_name = "PATH", required = true)]
+        fields: Vec<String>,
+        #[command(flatten)]
+        s3: S3Args,
+        /// Events in (default stdin).
+        input: Option<PathBuf>,
+        /// Events out (default stdout).
+        output: Option<PathBuf>,
+    },
+    /// Rebuild a stream's keys into a data directory from exported objects (offline,
+    /// for disaster recovery; the daemon must not be running on that directory).
+    Restore {
+        /// A directory of exported objects, or s3://bucket/prefix.
+        #[arg(long, value_name = "LOCATION")]
+        from: String,
+        /// The stream to restore into (created when missing).
+        #[arg(long, default_value = "restored")]
+        stream: String,
+        /// Rotation of the keys' stream when it is created (default keys.rotation).
+        #[arg(long)]
+        key_rotation: Option<String>,
+        /// The daemon's config (data directory, master key, keys.grace).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        s3: S3Args,
+    },
     /// Create a resource.
     Create {
         #[command(flatten)]
@@ -135,6 +171,46 @@ pub enum CreateWhat {
         #[arg(long)]
         skip_existing_keys: bool,
     },
+}
+
+/// S3 options for reading exported objects, as the sink CLI takes them.
+#[derive(Args, Debug, Clone, Default)]
+pub struct S3Args {
+    /// S3 endpoint URL (for S3-compatible servers).
+    #[arg(long)]
+    endpoint: Option<String>,
+    #[arg(long)]
+    region: Option<String>,
+    #[arg(long)]
+    path_style: bool,
+    /// JSON as printed by `aws iam create-access-key`; else the AWS credential chain.
+    #[arg(long, value_name = "FILE")]
+    credentials_file: Option<PathBuf>,
+}
+
+impl S3Args {
+    fn options(&self) -> Result<crate::owner::S3Options, String> {
+        let credentials = match &self.credentials_file {
+            None => None,
+            Some(f) => {
+                let v = read_credentials(f)?;
+                Some((
+                    v["accessKeyId"].as_str().unwrap_or_default().to_string(),
+                    v["secretAccessKey"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                    v["sessionToken"].as_str().map(String::from),
+                ))
+            }
+        };
+        Ok(crate::owner::S3Options {
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            path_style: self.path_style,
+            credentials,
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -577,11 +653,103 @@ async fn client_command(command: Command) -> Result<(), String> {
                 .await?;
             c.print(&value);
         }
-        Command::Serve { .. } | Command::GenerateMasterKey { .. } | Command::HashToken => {
+        Command::Serve { .. }
+        | Command::GenerateMasterKey { .. }
+        | Command::HashToken
+        | Command::Decrypt { .. }
+        | Command::Restore { .. } => {
             unreachable!("handled by main")
         }
     }
     Ok(())
+}
+
+/// `decrypt` and `restore`: the data owner's offline tools.
+async fn owner_command(command: Command) -> Result<ExitCode, String> {
+    use crate::owner;
+    match command {
+        Command::Decrypt {
+            keys,
+            key_link_field,
+            fields,
+            s3,
+            input,
+            output,
+        } => {
+            let source = owner::KeySource::parse(&keys, &s3.options()?)?;
+            let mut problems = Vec::new();
+            let loaded = source.load(&mut problems).await?;
+            let map = owner::keyset_map(&loaded, &mut problems);
+            let problem_count = problems.len();
+            for p in problems {
+                eprintln!("keyexportd decrypt: {p}");
+            }
+            if map.is_empty() {
+                return Err(format!("no keys found at {keys}"));
+            }
+            let input_stream =
+                owner::open_input(input.as_deref()).map_err(|e| format!("input: {e}"))?;
+            let output_stream =
+                owner::open_output(output.as_deref()).map_err(|e| format!("output: {e}"))?;
+            let summary = owner::decrypt_events(
+                &map,
+                &owner::DecryptOptions {
+                    key_link_field,
+                    fields,
+                },
+                input_stream,
+                output_stream,
+                &mut |r| eprintln!("keyexportd decrypt: {r}"),
+            )
+            .map_err(|e| format!("I/O error: {e}"))?;
+            eprintln!(
+                "keyexportd decrypt: {} keys from {} objects; {} events, {} fields decrypted, {} \
+                 events with an unknown keyLink (passed through), {} errors",
+                summary.keys,
+                loaded.objects,
+                summary.events,
+                summary.decrypted_fields,
+                summary.unknown_key,
+                summary.errors + problem_count as u64
+            );
+            Ok(if summary.errors + problem_count as u64 > 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Restore {
+            from,
+            stream,
+            key_rotation,
+            config,
+            s3,
+        } => {
+            let config = Config::load(config.as_deref()).map_err(|e| e.to_string())?;
+            crate::daemon::set_log_filter("warn");
+            let rotation = key_rotation
+                .map(|r| crate::duration::Seconds::parse(&r))
+                .transpose()
+                .map_err(|e| format!("--key-rotation: {e}"))?;
+            let source = owner::KeySource::parse(&from, &s3.options()?)?;
+            let data = crate::daemon::open_data_dir(&config).map_err(|e| e.to_string())?;
+            let summary = owner::restore(&data.keys, &source, &stream, rotation, &mut |r| {
+                eprintln!("keyexportd restore: {r}")
+            })
+            .await?;
+            data.store.close().map_err(|e| e.to_string())?;
+            println!(
+                "{}",
+                serde_json::to_string(&summary).expect("a summary serializes")
+            );
+            Ok(if summary.conflicts + summary.problems > 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        _ => unreachable!("only decrypt and restore"),
+    }
 }
 
 /// Runs a parsed command line; the process exit code.
@@ -617,6 +785,19 @@ pub fn main(cli: Cli) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Decrypt { .. } | Command::Restore { .. } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a current-thread runtime builds");
+            match runtime.block_on(owner_command(cli.command)) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("keyexportd: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::HashToken => {
             let mut secret = String::new();
             if let Err(e) = std::io::stdin().read_line(&mut secret) {

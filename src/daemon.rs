@@ -223,19 +223,23 @@ pub fn generate_master_key(path: &Path) -> Result<u32, String> {
 // Running
 // ---------------------------------------------------------------------------------------
 
-/// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
+/// An opened data directory: the database, the master key and the keys domain.
+pub struct DataDir {
+    pub store: Arc<Store>,
+    pub master: Arc<MasterKey>,
+    pub keys: Arc<Keys>,
+}
+
+/// Opens (creating if new) the data directory of `config`: used by the daemon and by
+/// offline tools such as `keyexportd restore`. The database lock keeps them apart.
+pub fn open_data_dir(config: &Config) -> Result<DataDir, DaemonError> {
     // Every file the daemon creates (database, keys, tokens, exports) is private.
     // SAFETY: umask only changes the process's file-creation mask.
     unsafe { libc::umask(0o077) };
-    let config = Config::load(config_path.as_deref())?;
-    set_log_filter(&log_spec(&config));
-    let listen = config.listen_addr()?;
-    let data_dir = config.storage.data_dir.clone();
-    prepare_data_dir(&data_dir)?;
-
+    let data_dir = &config.storage.data_dir;
+    prepare_data_dir(data_dir)?;
     let db_dir = data_dir.join("db");
-    let master = Arc::new(load_master_key(&config, db_dir.exists())?);
+    let master = Arc::new(load_master_key(config, db_dir.exists())?);
     let store = Store::open(
         &db_dir,
         config.storage.cache_capacity_mb << 20,
@@ -266,7 +270,24 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         },
     )
     .map_err(|e| startup(e.to_string()))?;
-    let keys = Arc::new(keys);
+    Ok(DataDir {
+        store,
+        master,
+        keys: Arc::new(keys),
+    })
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
+    let config = Config::load(config_path.as_deref())?;
+    set_log_filter(&log_spec(&config));
+    let listen = config.listen_addr()?;
+    let data_dir = config.storage.data_dir.clone();
+    let DataDir {
+        store,
+        master,
+        keys,
+    } = open_data_dir(&config)?;
     let exporters = Exporters::open(
         store.clone(),
         keys.clone(),

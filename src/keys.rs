@@ -78,6 +78,26 @@ pub struct KeyStream {
     deleted: AtomicBool,
 }
 
+/// What `restore_key` did with one exported key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestoreOutcome {
+    Restored,
+    /// The keyLink is here with the same key material: nothing to do.
+    AlreadyPresent,
+    /// The keyLink is here with other key material: refused.
+    Conflict,
+    /// The keyLink was here and has been purged.
+    Purged,
+    /// Its lifetime is over: it would be purged at once.
+    Expired,
+}
+
+/// Restored keys of a stream live in a key stream of their own, which no exporter
+/// reads, so that they are never exported again.
+pub fn restored_key_stream_id(key_stream_id: Uuid) -> Uuid {
+    Uuid::new_v5(&key_stream_id, b"keyexportd/restored")
+}
+
 /// A key as handed out: what `POST /v1/streams/{name}/keys` answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IssuedKey {
@@ -278,7 +298,10 @@ impl Keys {
                 .cloned()
                 .ok_or_else(|| KeysError::StreamNotFound(name.to_string()))?;
             let _append = stream.next_seq.lock().unwrap_or_else(|e| e.into_inner());
-            self.store.delete_stream(&stream.record)?;
+            self.store.delete_stream(
+                &stream.record,
+                &[restored_key_stream_id(stream.record.key_stream_id)],
+            )?;
             stream.deleted.store(true, Ordering::SeqCst);
             streams.remove(name);
         }
@@ -291,8 +314,66 @@ impl Keys {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .values()
-            .find(|s| s.record.key_stream_id == ksid)
+            .find(|s| {
+                s.record.key_stream_id == ksid
+                    || restored_key_stream_id(s.record.key_stream_id) == ksid
+            })
             .map(|s| s.record.name.clone())
+    }
+
+    /// Puts back an exported key (disaster recovery): usable for decryption until
+    /// `expires_at`, never a current key, never exported again. Refuses to replace a
+    /// keyLink that holds other key material. Idempotent.
+    pub fn restore_key(
+        &self,
+        stream: &str,
+        key_link: Uuid,
+        tink_key: &serde_json::Value,
+        created_at: u64,
+    ) -> Result<RestoreOutcome> {
+        let stream = self.stream(stream)?;
+        let keyset = crypto::keyset_from_json(tink_key)?;
+        if let Some(existing) = self.store.key(key_link)? {
+            if existing.state == KeyState::Purged {
+                return Ok(RestoreOutcome::Purged);
+            }
+            let here = self.load_keyset(existing.key_stream_id, existing.seq, key_link)?;
+            return Ok(if here[..] == keyset[..] {
+                RestoreOutcome::AlreadyPresent
+            } else {
+                RestoreOutcome::Conflict
+            });
+        }
+        let rotates_at =
+            created_at.saturating_add(Seconds(stream.record.key_rotation_secs).as_millis());
+        let expires_at = rotates_at.saturating_add(self.settings.grace.as_millis());
+        if expires_at <= now_millis() {
+            return Ok(RestoreOutcome::Expired);
+        }
+        let ksid = restored_key_stream_id(stream.record.key_stream_id);
+        let seq = self.store.last_seq(ksid)?.map_or(0, |s| s + 1);
+        let wrapped = self.master.wrap(&keyset, key_link.as_bytes())?;
+        self.store.insert_key(&NewKey {
+            record: KeyRecord {
+                key_stream_id: ksid,
+                seq,
+                created_at,
+                rotates_at,
+                expires_at,
+                field_hash: [0; 32],
+                state: KeyState::Live,
+            },
+            key_link,
+            wrapped_keyset: &wrapped,
+            current: false,
+        })?;
+        self.adjust_live(1);
+        Ok(RestoreOutcome::Restored)
+    }
+
+    /// Makes every write so far durable (for offline tools such as `restore`).
+    pub async fn sync(&self) -> Result<()> {
+        Ok(self.store.sync().await?)
     }
 
     // --- get-or-create ---------------------------------------------------------------
@@ -374,6 +455,7 @@ impl Keys {
             record,
             key_link,
             wrapped_keyset: wrapped,
+            current: true,
         })?;
         *next += 1;
         self.counters.created.fetch_add(1, Ordering::Relaxed);
@@ -671,7 +753,12 @@ impl Keys {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .values()
-            .map(|s| s.record.key_stream_id)
+            .flat_map(|s| {
+                [
+                    s.record.key_stream_id,
+                    restored_key_stream_id(s.record.key_stream_id),
+                ]
+            })
             .collect();
         for ksid in ksids {
             loop {

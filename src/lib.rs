@@ -13,6 +13,8 @@ pub mod crypto;
 pub mod daemon;
 pub mod duration;
 pub mod export;
+pub mod keyfile;
 pub mod keys;
 pub mod names;
+pub mod owner;
 pub mod store;

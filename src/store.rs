@@ -142,6 +142,8 @@ pub struct NewKey<'a> {
     pub record: KeyRecord,
     pub key_link: Uuid,
     pub wrapped_keyset: &'a [u8],
+    /// Whether the key becomes its `keyField`'s current key; restored keys do not.
+    pub current: bool,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -525,15 +527,15 @@ impl Store {
             .is_ok())
     }
 
-    /// Removes the stream and marks its key stream for the janitor to delete.
-    pub fn delete_stream(&self, s: &StreamRecord) -> Result<()> {
+    /// Removes the stream and marks its key streams (`also`: e.g. the restored one) for
+    /// the janitor to delete.
+    pub fn delete_stream(&self, s: &StreamRecord, also: &[Uuid]) -> Result<()> {
         self.space.check()?;
         let mut batch = sled::Batch::default();
         batch.remove(stream_key(&s.name));
-        batch.insert(
-            key_of(PREFIX_DELETED, &[s.key_stream_id.as_bytes()]),
-            &[] as &[u8],
-        );
+        for ksid in std::iter::once(&s.key_stream_id).chain(also) {
+            batch.insert(key_of(PREFIX_DELETED, &[ksid.as_bytes()]), &[] as &[u8]);
+        }
         self.keys.apply_batch(batch)?;
         Ok(())
     }
@@ -601,16 +603,18 @@ impl Store {
         self.space.check()?;
         let r = &k.record;
         let mut batch = sled::Batch::default();
-        batch.insert(
-            current_key(r.key_stream_id, &r.field_hash),
-            CurrentKey {
-                key_link: k.key_link,
-                seq: r.seq,
-                created_at: r.created_at,
-                rotates_at: r.rotates_at,
-            }
-            .encode(),
-        );
+        if k.current {
+            batch.insert(
+                current_key(r.key_stream_id, &r.field_hash),
+                CurrentKey {
+                    key_link: k.key_link,
+                    seq: r.seq,
+                    created_at: r.created_at,
+                    rotates_at: r.rotates_at,
+                }
+                .encode(),
+            );
+        }
         batch.insert(key_key(k.key_link), r.encode());
         batch.insert(
             log_key(r.key_stream_id, r.seq),
@@ -880,6 +884,7 @@ mod tests {
                 },
                 key_link: link,
                 wrapped_keyset: b"wrapped",
+                current: true,
             })
             .unwrap();
         link
@@ -957,7 +962,7 @@ mod tests {
         for i in 0..5 {
             new_key(&store, s.key_stream_id, i, i as u8, 100, 200);
         }
-        store.delete_stream(&s).unwrap();
+        store.delete_stream(&s, &[]).unwrap();
         assert!(store.streams().unwrap().is_empty());
         assert_eq!(store.deleted_streams().unwrap(), vec![s.key_stream_id]);
         let mut total = 0;

@@ -22,27 +22,10 @@ use uuid::Uuid;
 use super::ExportError;
 use super::sink::Sink;
 use crate::duration::{now_millis, object_time, rfc3339};
+use crate::keyfile;
+pub use crate::keyfile::Format;
 use crate::keys::{KeyStream, Keys, StreamKey};
 use crate::store::{Store, Table};
-
-/// How exported objects are written.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub enum Format {
-    #[default]
-    #[serde(rename = "JSONL")]
-    Jsonl,
-    #[serde(rename = "CSV")]
-    Csv,
-}
-
-impl Format {
-    fn extension(self) -> &'static str {
-        match self {
-            Format::Jsonl => "jsonl",
-            Format::Csv => "csv",
-        }
-    }
-}
 
 /// An exporter's definition as stored.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -119,28 +102,14 @@ pub fn object_names(def: &ExporterDef, boundary: u64, keys: u64, per_object: u64
 
 /// Renders keys into one object's bytes.
 fn render(keys: &Keys, format: Format, entries: &[StreamKey]) -> Result<Vec<u8>, ExportError> {
-    let mut out = Vec::with_capacity(entries.len() * 320);
-    if format == Format::Csv {
-        out.extend_from_slice(b"\"keyLink\",\"encryptionKey\"\n");
-    }
-    for e in entries {
-        let keyset = keys.stream_keyset_json(e)?;
-        match format {
-            Format::Jsonl => {
-                serde_json::to_writer(
-                    &mut out,
-                    &serde_json::json!({"keyLink": e.key_link.to_string(), "tinkKey": keyset}),
-                )
-                .expect("JSON values serialize");
-                out.push(b'\n');
-            }
-            Format::Csv => {
-                let text = keyset.to_string().replace('"', "\"\"");
-                out.extend_from_slice(format!("\"{}\",\"{text}\"\n", e.key_link).as_bytes());
-            }
-        }
-    }
-    Ok(out)
+    let keysets = entries
+        .iter()
+        .map(|e| keys.stream_keyset_json(e))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(keyfile::render(
+        format,
+        entries.iter().map(|e| e.key_link).zip(keysets.iter()),
+    ))
 }
 
 /// What `GET /v1/batch-exporters/{name}` shows besides the definition.

@@ -226,6 +226,74 @@ impl SinkRecord {
     }
 }
 
+/// An S3 client for `bucket`: static credentials, or the standard AWS chain.
+pub fn s3_client(
+    bucket: &BucketSpec,
+    credentials: Option<&Credentials>,
+) -> Result<Arc<dyn ObjectStore>, String> {
+    let mut builder = AmazonS3Builder::from_env()
+        .with_bucket_name(&bucket.bucket_name)
+        .with_region(bucket.region.clone().unwrap_or_else(|| "us-east-1".into()))
+        .with_virtual_hosted_style_request(!bucket.path_style)
+        // The exporter retries whole batches with its own backoff; keep the client's
+        // retries short so that errors surface in status quickly.
+        .with_retry(RetryConfig {
+            max_retries: 2,
+            retry_timeout: Duration::from_secs(15),
+            ..Default::default()
+        })
+        .with_client_options(
+            ClientOptions::new()
+                .with_connect_timeout(Duration::from_secs(5))
+                .with_timeout(Duration::from_secs(300)),
+        );
+    if let Some(endpoint) = &bucket.endpoint {
+        builder = builder
+            .with_endpoint(endpoint)
+            .with_allow_http(endpoint.starts_with("http://"));
+    }
+    if let Some(c) = credentials {
+        builder = builder
+            .with_access_key_id(c.access_key_id.as_str())
+            .with_secret_access_key(c.secret_access_key.as_str());
+        if let Some(t) = &c.session_token {
+            builder = builder.with_token(t.as_str());
+        }
+    }
+    Ok(Arc::new(
+        builder.build().map_err(|e| scrub(&e.to_string()))?,
+    ))
+}
+
+/// Every object name under `prefix` (all of the store when empty), sorted.
+pub async fn list_objects(store: &dyn ObjectStore, prefix: &str) -> Result<Vec<String>, String> {
+    use futures_util::TryStreamExt;
+    let prefix = if prefix.is_empty() {
+        None
+    } else {
+        Some(ObjectPath::parse(prefix).map_err(|e| format!("prefix '{prefix}': {e}"))?)
+    };
+    let mut names: Vec<String> = store
+        .list(prefix.as_ref())
+        .map_ok(|m| m.location.to_string())
+        .try_collect()
+        .await
+        .map_err(|e| scrub(&e.to_string()))?;
+    names.sort();
+    Ok(names)
+}
+
+/// The bytes of one object.
+pub async fn read_object(store: &dyn ObjectStore, name: &str) -> Result<Vec<u8>, String> {
+    let path = ObjectPath::parse(name).map_err(|e| format!("'{name}': {e}"))?;
+    let got = store.get(&path).await.map_err(|e| scrub(&e.to_string()))?;
+    Ok(got
+        .bytes()
+        .await
+        .map_err(|e| scrub(&e.to_string()))?
+        .to_vec())
+}
+
 /// A client for one sink.
 #[derive(Clone)]
 pub struct Sink {
@@ -239,46 +307,28 @@ impl Sink {
     pub fn open(record: &SinkRecord, master: &MasterKey) -> Result<Sink, SinkError> {
         let store: Arc<dyn ObjectStore> = match (&record.bucket, &record.local) {
             (Some(b), _) => {
-                let mut builder = AmazonS3Builder::from_env()
-                    .with_bucket_name(&b.bucket_name)
-                    .with_region(b.region.clone().unwrap_or_else(|| "us-east-1".into()))
-                    .with_virtual_hosted_style_request(!b.path_style)
-                    // The exporter retries whole batches with its own backoff; keep the
-                    // client's retries short so that errors surface in status quickly.
-                    .with_retry(RetryConfig {
-                        max_retries: 2,
-                        retry_timeout: Duration::from_secs(15),
-                        ..Default::default()
-                    })
-                    .with_client_options(
-                        ClientOptions::new()
-                            .with_connect_timeout(Duration::from_secs(5))
-                            .with_timeout(Duration::from_secs(300)),
-                    );
-                if let Some(endpoint) = &b.endpoint {
-                    builder = builder
-                        .with_endpoint(endpoint)
-                        .with_allow_http(endpoint.starts_with("http://"));
-                }
-                if let Some(wrapped) = &record.wrapped_credentials {
-                    let bytes = STANDARD
-                        .decode(wrapped)
-                        .map_err(|_| SinkError::Invalid("stored credentials are corrupt".into()))?;
-                    let clear = master.unwrap(&bytes, &ad_for(&record.name)).map_err(|_| {
-                        SinkError::Invalid("stored credentials cannot be unwrapped".into())
-                    })?;
-                    let c: StoredCredentials = serde_json::from_slice(&clear)
-                        .map_err(|_| SinkError::Invalid("stored credentials are corrupt".into()))?;
-                    builder = builder
-                        .with_access_key_id(c.access_key_id.as_str())
-                        .with_secret_access_key(c.secret_access_key.as_str());
-                    if let Some(t) = &c.session_token {
-                        builder = builder.with_token(t.as_str());
+                let credentials = match &record.wrapped_credentials {
+                    None => None,
+                    Some(wrapped) => {
+                        let bytes = STANDARD.decode(wrapped).map_err(|_| {
+                            SinkError::Invalid("stored credentials are corrupt".into())
+                        })?;
+                        let clear = master.unwrap(&bytes, &ad_for(&record.name)).map_err(|_| {
+                            SinkError::Invalid("stored credentials cannot be unwrapped".into())
+                        })?;
+                        let c: StoredCredentials =
+                            serde_json::from_slice(&clear).map_err(|_| {
+                                SinkError::Invalid("stored credentials are corrupt".into())
+                            })?;
+                        Some(Credentials {
+                            access_key_id: Zeroizing::new(c.access_key_id.clone()),
+                            secret_access_key: Zeroizing::new(c.secret_access_key.clone()),
+                            session_token: c.session_token.clone().map(Zeroizing::new),
+                        })
                     }
-                }
-                Arc::new(builder.build().map_err(|e| {
-                    SinkError::Invalid(format!("sink '{}': {}", record.name, scrub(&e.to_string())))
-                })?)
+                };
+                s3_client(b, credentials.as_ref())
+                    .map_err(|e| SinkError::Invalid(format!("sink '{}': {e}", record.name)))?
             }
             (_, Some(l)) => {
                 std::fs::create_dir_all(&l.path).map_err(|e| {
