@@ -24,6 +24,8 @@ struct Args {
     connections: usize,
     prefix: String,
     out: Option<String>,
+    /// Stop after this many requests (0: no limit).
+    count: u64,
 }
 
 fn parse_args() -> Args {
@@ -36,6 +38,7 @@ fn parse_args() -> Args {
         connections: 16,
         prefix: format!("load-{}", std::process::id()),
         out: None,
+        count: 0,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -55,6 +58,7 @@ fn parse_args() -> Args {
             "--connections" => a.connections = v.parse().expect("--connections N"),
             "--prefix" => a.prefix = v,
             "--out" => a.out = Some(v),
+            "--count" => a.count = v.parse().expect("--count N"),
             other => panic!("unknown argument {other}"),
         }
         i += 2;
@@ -105,7 +109,7 @@ async fn main() {
                     let due = started + Duration::from_micros(micros);
                     tokio::time::sleep_until(due.into()).await;
                 }
-                if Instant::now() >= deadline {
+                if Instant::now() >= deadline || (args.count > 0 && n >= args.count) {
                     break;
                 }
                 let t = Instant::now();

@@ -60,6 +60,9 @@ pub struct StorageConfig {
     /// Writes are refused (503) while less than this is free on the data directory's
     /// disk, so that the database never runs out of space mid-write. 0 disables.
     pub min_free_mb: u64,
+    /// Group commit: when fewer than 16 writes wait for the disk, the flusher waits this
+    /// long (µs) for more before it flushes. 0 flushes at once.
+    pub group_commit_linger_us: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -127,6 +130,7 @@ impl Default for StorageConfig {
             data_dir: PathBuf::from("./keyexportd-data"),
             cache_capacity_mb: 64,
             min_free_mb: 64,
+            group_commit_linger_us: 1000,
         }
     }
 }
@@ -244,6 +248,12 @@ impl Config {
         }
         if self.storage.data_dir.as_os_str().is_empty() {
             return Err(invalid("storage.data_dir", "must not be empty"));
+        }
+        if self.storage.group_commit_linger_us > 100_000 {
+            return Err(invalid(
+                "storage.group_commit_linger_us",
+                "must be at most 100000 (0.1 s)",
+            ));
         }
         if self.storage.cache_capacity_mb == 0 {
             return Err(invalid("storage.cache_capacity_mb", "must be at least 1"));

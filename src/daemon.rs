@@ -240,10 +240,11 @@ pub fn open_data_dir(config: &Config) -> Result<DataDir, DaemonError> {
     prepare_data_dir(data_dir)?;
     let db_dir = data_dir.join("db");
     let master = Arc::new(load_master_key(config, db_dir.exists())?);
-    let store = Store::open(
+    let store = Store::open_with(
         &db_dir,
         config.storage.cache_capacity_mb << 20,
         config.storage.min_free_mb << 20,
+        Duration::from_micros(config.storage.group_commit_linger_us),
     )
     .map_err(|e| {
         let text = e.to_string();
@@ -336,15 +337,6 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         auth.clone(),
         shutdown_tx.clone(),
     ));
-    {
-        // The live-keys gauge needs one scan; it must not delay readiness.
-        let keys = keys.clone();
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = keys.count_live() {
-                log::warn!("counting live keys for metrics failed: {e}");
-            }
-        });
-    }
     let janitor = tokio::spawn(run_janitor(
         keys.clone(),
         Duration::from_secs(config.keys.purge_interval.0),

@@ -22,9 +22,7 @@ use zeroize::Zeroizing;
 
 use crate::crypto::{self, CryptoError, KeysetBytes, MasterKey};
 use crate::duration::{Seconds, now_millis};
-use crate::store::{
-    CurrentKey, KeyRecord, KeyState, NewKey, Store, StoreError, StreamRecord, Table, Ticket,
-};
+use crate::store::{CurrentKey, KeyRecord, NewKey, Store, StoreError, StreamRecord, Table, Ticket};
 
 /// Stripes of the creation lock; a power of two.
 const STRIPES: usize = 1024;
@@ -134,11 +132,6 @@ pub struct KeyCounters {
     pub created: AtomicU64,
     pub purged: AtomicU64,
     pub trimmed: AtomicU64,
-    /// Keys not yet purged: created minus purged since start, plus the count taken by
-    /// [`Keys::count_live`] at start-up (keys created during that scan may count twice).
-    pub live: std::sync::atomic::AtomicI64,
-    /// Set once the start-up count has been added to `live`.
-    pub live_counted: AtomicBool,
 }
 
 /// What a creation in progress is waiting for, by (key stream, keyed hash).
@@ -153,6 +146,8 @@ pub struct Keys {
     streams: RwLock<HashMap<String, Arc<KeyStream>>>,
     /// Creations not yet durable, striped by keyed hash; also the creation lock.
     stripes: Vec<Mutex<Pending>>,
+    /// Per key stream, the first entry the purge has not passed yet (also in `meta`).
+    purge_cursors: Mutex<HashMap<Uuid, u64>>,
     pub counters: KeyCounters,
 }
 
@@ -217,6 +212,7 @@ impl Keys {
             settings,
             streams: RwLock::new(streams),
             stripes: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
+            purge_cursors: Mutex::new(HashMap::new()),
             counters: KeyCounters::default(),
         })
     }
@@ -334,7 +330,7 @@ impl Keys {
         let stream = self.stream(stream)?;
         let keyset = crypto::keyset_from_json(tink_key)?;
         if let Some(existing) = self.store.key(key_link)? {
-            if existing.state == KeyState::Purged {
+            if existing.expires_at <= now_millis() {
                 return Ok(RestoreOutcome::Purged);
             }
             let here = self.load_keyset(existing.key_stream_id, existing.seq, key_link)?;
@@ -360,14 +356,12 @@ impl Keys {
                 created_at,
                 rotates_at,
                 expires_at,
-                field_hash: [0; 32],
-                state: KeyState::Live,
             },
             key_link,
+            field_hash: [0; 32],
             wrapped_keyset: &wrapped,
             current: false,
         })?;
-        self.adjust_live(1);
         Ok(RestoreOutcome::Restored)
     }
 
@@ -448,18 +442,16 @@ impl Keys {
             created_at: now,
             rotates_at,
             expires_at: rotates_at.saturating_add(self.settings.grace.as_millis()),
-            field_hash,
-            state: KeyState::Live,
         };
         self.store.insert_key(&NewKey {
             record,
             key_link,
+            field_hash,
             wrapped_keyset: wrapped,
             current: true,
         })?;
         *next += 1;
         self.counters.created.fetch_add(1, Ordering::Relaxed);
-        self.adjust_live(1);
         Ok(CurrentKey {
             key_link,
             seq: record.seq,
@@ -560,13 +552,12 @@ impl Keys {
         Ok(out)
     }
 
-    /// The live record of `link`: 404 when unknown, 410 when expired or purged.
+    /// The live record of `link`: 404 when unknown, 410 once it has expired (the key is
+    /// purged from use at `expiresAt`, whether or not the janitor has run yet).
     fn live(&self, link: Uuid) -> Result<KeyRecord> {
         match self.store.key(link)? {
             None => Err(KeysError::KeyNotFound(link)),
-            Some(r) if r.state == KeyState::Purged || r.expires_at <= now_millis() => {
-                Err(KeysError::KeyGone(link))
-            }
+            Some(r) if r.expires_at <= now_millis() => Err(KeysError::KeyGone(link)),
             Some(r) => Ok(r),
         }
     }
@@ -673,16 +664,43 @@ impl Keys {
 
     // --- figures for metrics ---------------------------------------------------------
 
-    fn adjust_live(&self, delta: i64) {
-        self.counters.live.fetch_add(delta, Ordering::Relaxed);
+    /// Keys not purged yet: per key stream, the entries from the purge cursor on.
+    pub fn live_keys(&self) -> Result<u64> {
+        let mut live = 0;
+        for ksid in self.maintained_key_streams() {
+            let next = self.store.last_seq(ksid)?.map_or(0, |s| s + 1);
+            live += next.saturating_sub(self.purge_cursor(ksid)?);
+        }
+        Ok(live)
     }
 
-    /// Counts the keys that were live at start-up (a scan; run it off the async workers).
-    pub fn count_live(&self) -> Result<()> {
-        let n = self.store.count_live_keys()? as i64;
-        self.adjust_live(n);
-        self.counters.live_counted.store(true, Ordering::Relaxed);
-        Ok(())
+    fn purge_cursor_key(ksid: Uuid) -> Vec<u8> {
+        [b"purge/".as_slice(), ksid.as_bytes()].concat()
+    }
+
+    /// Where the purge of a key stream resumes: remembered, else stored, else its start.
+    fn purge_cursor(&self, ksid: Uuid) -> Result<u64> {
+        if let Some(c) = self
+            .purge_cursors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ksid)
+        {
+            return Ok(*c);
+        }
+        let stored = match self
+            .store
+            .get_raw(Table::Meta, &Self::purge_cursor_key(ksid))?
+        {
+            Some(b) if b.len() == 8 => u64::from_be_bytes(b.try_into().expect("8 bytes")),
+            _ => 0,
+        };
+        let cursor = stored.max(self.store.first_seq(ksid)?.unwrap_or(0));
+        self.purge_cursors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(ksid, cursor);
+        Ok(cursor)
     }
 
     /// Entries in a stream's key stream.
@@ -729,27 +747,9 @@ impl Keys {
 
     // --- janitor --------------------------------------------------------------------
 
-    /// One round of maintenance: purge expired keys, trim key streams past retention,
-    /// and remove the data of deleted streams. Blocking; run it off the async workers.
-    pub fn maintain(&self) -> Result<()> {
-        const BATCH: usize = 10_000;
-        let now = now_millis();
-        loop {
-            let expired = self.store.expired(now, BATCH)?;
-            for (expires_at, link) in &expired {
-                self.store.purge_key(*expires_at, *link)?;
-            }
-            self.counters
-                .purged
-                .fetch_add(expired.len() as u64, Ordering::Relaxed);
-            self.adjust_live(-(expired.len() as i64));
-            if expired.len() < BATCH {
-                break;
-            }
-        }
-        let cutoff = now.saturating_sub(self.settings.stream_retention.as_millis());
-        let ksids: Vec<Uuid> = self
-            .streams
+    /// The key streams the janitor looks after: each stream's and its restored keys'.
+    fn maintained_key_streams(&self) -> Vec<Uuid> {
+        self.streams
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .values()
@@ -759,10 +759,56 @@ impl Keys {
                     restored_key_stream_id(s.record.key_stream_id),
                 ]
             })
-            .collect();
-        for ksid in ksids {
+            .collect()
+    }
+
+    /// Purges the expired keys of one key stream: walks it from its purge cursor (the
+    /// key stream is in expiry order) and drops each expired key's current-key pointer,
+    /// stopping at the first key that has not expired. The cursor is kept in `meta`.
+    fn purge_key_stream(&self, ksid: Uuid, now: u64) -> Result<u64> {
+        const CHUNK: usize = 4096;
+        let start = self.purge_cursor(ksid)?;
+        let mut cursor = start;
+        let mut purged = 0;
+        'walk: loop {
+            let entries = self.store.log_range(ksid, cursor, u64::MAX, CHUNK)?;
+            for e in &entries {
+                if e.expires_at > now {
+                    break 'walk;
+                }
+                self.store.drop_pointer(e, ksid)?;
+                cursor = e.seq + 1;
+                purged += 1;
+            }
+            if entries.len() < CHUNK {
+                break;
+            }
+        }
+        if cursor != start {
+            self.store.put_raw(
+                Table::Meta,
+                &Self::purge_cursor_key(ksid),
+                &cursor.to_be_bytes(),
+            )?;
+            self.purge_cursors
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(ksid, cursor);
+        }
+        Ok(purged)
+    }
+
+    /// One round of maintenance: purge expired keys, trim key streams past retention,
+    /// and remove the data of deleted streams. Blocking; run it off the async workers.
+    pub fn maintain(&self) -> Result<()> {
+        const BATCH: usize = 10_000;
+        let now = now_millis();
+        let cutoff = now.saturating_sub(self.settings.stream_retention.as_millis());
+        for ksid in self.maintained_key_streams() {
+            let purged = self.purge_key_stream(ksid, now)?;
+            self.counters.purged.fetch_add(purged, Ordering::Relaxed);
             loop {
-                let n = self.store.trim_log(ksid, cutoff, BATCH)?;
+                let n = self.store.trim_log(ksid, cutoff, now, BATCH)?;
                 self.counters.trimmed.fetch_add(n as u64, Ordering::Relaxed);
                 if n < BATCH {
                     break;

@@ -1,17 +1,20 @@
-//! The sled database: trees, typed records, atomic batches and durable commits.
+//! The sled database: trees, typed records and durable commits.
 //!
-//! Everything about one key lives in the `keys` tree under a one-byte prefix, so that a
-//! key, its key stream entry, its current-key pointer and its expiry index entry are
-//! written by one atomic `apply_batch`:
+//! The keys live in four trees, written with plain inserts in a fixed order (sled
+//! recovers a prefix of its log, so every crash leaves a harmless state, see
+//! [`Store::insert_key`]); separate trees keep sled's copy-on-write leaves small:
 //!
-//! | prefix | key | value |
+//! | tree | key | value |
 //! |---|---|---|
-//! | `s` | stream name | [`StreamRecord`] (JSON) |
-//! | `d` | key stream id | deleted stream whose data the janitor still has to remove |
-//! | `c` | key stream id, keyed hash of the `keyField` | [`CurrentKey`] |
-//! | `k` | keyLink | [`KeyRecord`] (live, or a tombstone once purged) |
-//! | `l` | key stream id, sequence number (big endian) | [`LogEntry`]: the key stream |
-//! | `x` | expiry (ms, big endian), keyLink | empty: the TTL index the purge walks |
+//! | `streams` | `s` + stream name | [`StreamRecord`] (JSON) |
+//! | `streams` | `d` + key stream id | a deleted stream whose data the janitor removes |
+//! | `log` | key stream id, sequence number (big endian) | [`LogEntry`]: the key stream |
+//! | `keys` | keyLink | [`KeyRecord`] |
+//! | `current` | key stream id, keyed hash of the `keyField` | [`CurrentKey`] |
+//!
+//! A key stream is ordered by creation time, and so by expiry (a stream's rotation is
+//! fixed): it is the expiry index too. The purge walks each key stream from a cursor
+//! and stops at the first key that has not expired; it never scans all keys.
 //!
 //! Other trees hold JSON records for the layers above (`meta`, `tokens`, `sinks`,
 //! `exporters`) and know nothing of their meaning.
@@ -29,12 +32,8 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::sync::watch;
 use uuid::Uuid;
 
-pub const PREFIX_STREAM: u8 = b's';
-pub const PREFIX_DELETED: u8 = b'd';
-pub const PREFIX_CURRENT: u8 = b'c';
-pub const PREFIX_KEY: u8 = b'k';
-pub const PREFIX_LOG: u8 = b'l';
-pub const PREFIX_EXPIRY: u8 = b'x';
+const PREFIX_STREAM: u8 = b's';
+const PREFIX_DELETED: u8 = b'd';
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -105,15 +104,9 @@ pub struct CurrentKey {
     pub rotates_at: u64,
 }
 
-/// Whether a key can still be used, or has been purged and is kept only as a tombstone
-/// (so that decrypt can answer 410 rather than 404) until its key stream entry is trimmed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KeyState {
-    Live = 1,
-    Purged = 2,
-}
-
-/// One key, by keyLink. The keyset itself lives once, in the key stream entry.
+/// One key, by keyLink: where its keyset is and how long it lives. The keyset itself
+/// lives once, in the key stream entry. An expired key keeps its record (decrypt then
+/// answers 410, not 404) until retention trims it with its key stream entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KeyRecord {
     pub key_stream_id: Uuid,
@@ -121,9 +114,6 @@ pub struct KeyRecord {
     pub created_at: u64,
     pub rotates_at: u64,
     pub expires_at: u64,
-    /// Keyed hash of the `keyField`: lets the purge drop the current-key pointer.
-    pub field_hash: [u8; 32],
-    pub state: KeyState,
 }
 
 /// One entry of a key stream: the key as exporters read it.
@@ -133,14 +123,17 @@ pub struct LogEntry {
     pub key_link: Uuid,
     pub created_at: u64,
     pub expires_at: u64,
+    /// Keyed hash of the `keyField`: lets the purge drop the current-key pointer.
+    pub field_hash: [u8; 32],
     /// The keyset proto, wrapped by the master key with the keyLink as associated data.
     pub wrapped_keyset: Vec<u8>,
 }
 
-/// Everything written when a key is created, in one atomic batch.
+/// Everything written when a key is created.
 pub struct NewKey<'a> {
     pub record: KeyRecord,
     pub key_link: Uuid,
+    pub field_hash: [u8; 32],
     pub wrapped_keyset: &'a [u8],
     /// Whether the key becomes its `keyField`'s current key; restored keys do not.
     pub current: bool,
@@ -167,20 +160,18 @@ fn key_of(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
     k
 }
 
-pub fn current_key(ksid: Uuid, field_hash: &[u8; 32]) -> Vec<u8> {
-    key_of(PREFIX_CURRENT, &[ksid.as_bytes(), field_hash])
+fn current_key(ksid: Uuid, field_hash: &[u8; 32]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(48);
+    k.extend_from_slice(ksid.as_bytes());
+    k.extend_from_slice(field_hash);
+    k
 }
 
-fn key_key(link: Uuid) -> Vec<u8> {
-    key_of(PREFIX_KEY, &[link.as_bytes()])
-}
-
-fn log_key(ksid: Uuid, seq: u64) -> Vec<u8> {
-    key_of(PREFIX_LOG, &[ksid.as_bytes(), &seq.to_be_bytes()])
-}
-
-fn expiry_key(expires_at: u64, link: Uuid) -> Vec<u8> {
-    key_of(PREFIX_EXPIRY, &[&expires_at.to_be_bytes(), link.as_bytes()])
+fn log_key(ksid: Uuid, seq: u64) -> [u8; 24] {
+    let mut k = [0u8; 24];
+    k[..16].copy_from_slice(ksid.as_bytes());
+    k[16..].copy_from_slice(&seq.to_be_bytes());
+    k
 }
 
 fn stream_key(name: &str) -> Vec<u8> {
@@ -211,7 +202,7 @@ impl CurrentKey {
 }
 
 impl KeyRecord {
-    const LEN: usize = 16 + 8 * 4 + 32 + 1;
+    const LEN: usize = 16 + 8 * 4;
     fn encode(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(Self::LEN);
         v.extend_from_slice(self.key_stream_id.as_bytes());
@@ -219,50 +210,44 @@ impl KeyRecord {
         v.extend_from_slice(&self.created_at.to_be_bytes());
         v.extend_from_slice(&self.rotates_at.to_be_bytes());
         v.extend_from_slice(&self.expires_at.to_be_bytes());
-        v.extend_from_slice(&self.field_hash);
-        v.push(self.state as u8);
         v
     }
     fn decode(b: &[u8]) -> Result<Self> {
         if b.len() != Self::LEN {
             return Err(corrupt("key", format!("{} bytes", b.len())));
         }
-        let state = match b[Self::LEN - 1] {
-            1 => KeyState::Live,
-            2 => KeyState::Purged,
-            other => return Err(corrupt("key", format!("state {other}"))),
-        };
         Ok(KeyRecord {
             key_stream_id: uuid_at(b, 0),
             seq: u64_at(b, 16),
             created_at: u64_at(b, 24),
             rotates_at: u64_at(b, 32),
             expires_at: u64_at(b, 40),
-            field_hash: b[48..80].try_into().expect("32 bytes"),
-            state,
         })
     }
 }
 
 impl LogEntry {
-    fn encode(link: Uuid, created_at: u64, expires_at: u64, wrapped: &[u8]) -> Vec<u8> {
-        let mut v = Vec::with_capacity(32 + wrapped.len());
-        v.extend_from_slice(link.as_bytes());
-        v.extend_from_slice(&created_at.to_be_bytes());
-        v.extend_from_slice(&expires_at.to_be_bytes());
-        v.extend_from_slice(wrapped);
+    const HEAD: usize = 16 + 8 + 8 + 32;
+    fn encode(k: &NewKey<'_>) -> Vec<u8> {
+        let mut v = Vec::with_capacity(Self::HEAD + k.wrapped_keyset.len());
+        v.extend_from_slice(k.key_link.as_bytes());
+        v.extend_from_slice(&k.record.created_at.to_be_bytes());
+        v.extend_from_slice(&k.record.expires_at.to_be_bytes());
+        v.extend_from_slice(&k.field_hash);
+        v.extend_from_slice(k.wrapped_keyset);
         v
     }
     fn decode(key: &[u8], b: &[u8]) -> Result<Self> {
-        if key.len() != 25 || b.len() < 32 {
+        if key.len() != 24 || b.len() < Self::HEAD {
             return Err(corrupt("key stream", format!("{} bytes", b.len())));
         }
         Ok(LogEntry {
-            seq: u64_at(key, 17),
+            seq: u64_at(key, 16),
             key_link: uuid_at(b, 0),
             created_at: u64_at(b, 16),
             expires_at: u64_at(b, 24),
-            wrapped_keyset: b[32..].to_vec(),
+            field_hash: b[32..64].try_into().expect("32 bytes"),
+            wrapped_keyset: b[Self::HEAD..].to_vec(),
         })
     }
 }
@@ -284,8 +269,13 @@ struct FlushState {
     error: Option<String>,
 }
 
+/// The flusher lingers only when fewer writes than this wait.
+const LINGER_BELOW: u64 = 16;
+
 struct GroupCommit {
     issued: AtomicU64,
+    /// How long the flusher waits for more writes before a small flush.
+    linger: std::time::Duration,
     /// Set when the store closes; guards the condition variable that wakes the flusher.
     closing: Mutex<bool>,
     wake: Condvar,
@@ -312,6 +302,11 @@ impl GroupCommit {
                 if *closing && self.issued.load(Ordering::SeqCst) == done {
                     return;
                 }
+            }
+            // Linger: a flush costs about the same for one write as for a hundred, so
+            // when few writes wait, give the others a moment to join.
+            if !self.linger.is_zero() && self.issued.load(Ordering::SeqCst) - done < LINGER_BELOW {
+                std::thread::sleep(self.linger);
             }
             let upto = self.issued.load(Ordering::SeqCst);
             let result = db.flush();
@@ -400,7 +395,10 @@ impl SpaceGuard {
 
 pub struct Store {
     db: sled::Db,
+    streams: sled::Tree,
+    log: sled::Tree,
     keys: sled::Tree,
+    current: sled::Tree,
     meta: sled::Tree,
     tokens: sled::Tree,
     sinks: sled::Tree,
@@ -414,12 +412,30 @@ impl Store {
     /// Opens (or creates) the database in `dir`. Fails when another process holds it.
     /// Writes are refused while less than `min_free_bytes` are free on its disk.
     pub fn open(dir: &Path, cache_capacity_bytes: u64, min_free_bytes: u64) -> Result<Store> {
+        Store::open_with(
+            dir,
+            cache_capacity_bytes,
+            min_free_bytes,
+            std::time::Duration::ZERO,
+        )
+    }
+
+    /// [`Store::open`] with a group-commit linger (see `storage.group_commit_linger_us`).
+    pub fn open_with(
+        dir: &Path,
+        cache_capacity_bytes: u64,
+        min_free_bytes: u64,
+        linger: std::time::Duration,
+    ) -> Result<Store> {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_capacity_bytes)
             .flush_every_ms(Some(1000))
             .open()?;
+        let streams = db.open_tree("streams")?;
+        let log = db.open_tree("log")?;
         let keys = db.open_tree("keys")?;
+        let current = db.open_tree("current")?;
         let meta = db.open_tree("meta")?;
         let tokens = db.open_tree("tokens")?;
         let sinks = db.open_tree("sinks")?;
@@ -427,6 +443,7 @@ impl Store {
         let (state, _) = watch::channel(FlushState::default());
         let commit = Arc::new(GroupCommit {
             issued: AtomicU64::new(0),
+            linger,
             closing: Mutex::new(false),
             wake: Condvar::new(),
             state,
@@ -441,7 +458,10 @@ impl Store {
         };
         Ok(Store {
             db,
+            streams,
+            log,
             keys,
+            current,
             meta,
             tokens,
             sinks,
@@ -508,7 +528,7 @@ impl Store {
     // --- streams -------------------------------------------------------------------
 
     pub fn streams(&self) -> Result<Vec<StreamRecord>> {
-        self.keys
+        self.streams
             .scan_prefix([PREFIX_STREAM])
             .map(|kv| {
                 let (_, v) = kv?;
@@ -522,13 +542,13 @@ impl Store {
         self.space.check()?;
         let value = serde_json::to_vec(s).expect("stream record serializes");
         Ok(self
-            .keys
+            .streams
             .compare_and_swap(stream_key(&s.name), None as Option<&[u8]>, Some(value))?
             .is_ok())
     }
 
     /// Removes the stream and marks its key streams (`also`: e.g. the restored one) for
-    /// the janitor to delete.
+    /// the janitor to delete, in one atomic batch.
     pub fn delete_stream(&self, s: &StreamRecord, also: &[Uuid]) -> Result<()> {
         self.space.check()?;
         let mut batch = sled::Batch::default();
@@ -536,13 +556,13 @@ impl Store {
         for ksid in std::iter::once(&s.key_stream_id).chain(also) {
             batch.insert(key_of(PREFIX_DELETED, &[ksid.as_bytes()]), &[] as &[u8]);
         }
-        self.keys.apply_batch(batch)?;
+        self.streams.apply_batch(batch)?;
         Ok(())
     }
 
     /// Key streams of deleted streams whose data is still to be removed.
     pub fn deleted_streams(&self) -> Result<Vec<Uuid>> {
-        self.keys
+        self.streams
             .scan_prefix([PREFIX_DELETED])
             .map(|kv| {
                 let (k, _) = kv?;
@@ -557,55 +577,56 @@ impl Store {
     /// Removes up to `limit` records of a deleted key stream; returns how many. When
     /// nothing is left it removes the deletion marker and returns 0.
     pub fn remove_deleted_stream_data(&self, ksid: Uuid, limit: usize) -> Result<usize> {
-        let mut batch = sled::Batch::default();
         let mut n = 0;
-        for kv in self
-            .keys
-            .scan_prefix(key_of(PREFIX_LOG, &[ksid.as_bytes()]))
-            .take(limit)
-        {
+        for kv in self.log.scan_prefix(ksid.as_bytes()).take(limit) {
             let (k, v) = kv?;
             let e = LogEntry::decode(&k, &v)?;
-            batch.remove(k);
-            batch.remove(key_key(e.key_link));
-            batch.remove(expiry_key(e.expires_at, e.key_link));
+            self.keys.remove(e.key_link.as_bytes())?;
+            self.log.remove(k)?;
             n += 1;
         }
         for kv in self
-            .keys
-            .scan_prefix(key_of(PREFIX_CURRENT, &[ksid.as_bytes()]))
+            .current
+            .scan_prefix(ksid.as_bytes())
             .take(limit.saturating_sub(n))
         {
-            let (k, _) = kv?;
-            batch.remove(k);
+            self.current.remove(kv?.0)?;
             n += 1;
         }
         if n == 0 {
-            batch.remove(key_of(PREFIX_DELETED, &[ksid.as_bytes()]));
+            self.streams
+                .remove(key_of(PREFIX_DELETED, &[ksid.as_bytes()]))?;
         }
-        self.keys.apply_batch(batch)?;
         Ok(n)
     }
 
     // --- keys ----------------------------------------------------------------------
 
     pub fn current(&self, ksid: Uuid, field_hash: &[u8; 32]) -> Result<Option<CurrentKey>> {
-        self.keys
+        self.current
             .get(current_key(ksid, field_hash))?
             .map(|v| CurrentKey::decode(&v))
             .transpose()
     }
 
-    /// Writes a new key, its key stream entry, its current-key pointer and its expiry
-    /// entry in one atomic batch. The caller serialises calls per key stream so that
+    /// Writes a new key: its key stream entry, its key record and its current-key
+    /// pointer, in that order. The caller serialises calls per key stream so that
     /// entries appear in sequence order.
+    ///
+    /// Plain inserts cost half of one `apply_batch` in sled, and the order keeps every
+    /// crash state harmless, because sled recovers a prefix of its log: a key is only
+    /// handed out once all three are durable; a key stream entry without the rest is a
+    /// key that was never handed out (it is exported like any other and expires, and
+    /// retention trims it).
     pub fn insert_key(&self, k: &NewKey<'_>) -> Result<()> {
         self.space.check()?;
         let r = &k.record;
-        let mut batch = sled::Batch::default();
+        self.log
+            .insert(log_key(r.key_stream_id, r.seq), LogEntry::encode(k))?;
+        self.keys.insert(k.key_link.as_bytes(), r.encode())?;
         if k.current {
-            batch.insert(
-                current_key(r.key_stream_id, &r.field_hash),
+            self.current.insert(
+                current_key(r.key_stream_id, &k.field_hash),
                 CurrentKey {
                     key_link: k.key_link,
                     seq: r.seq,
@@ -613,53 +634,38 @@ impl Store {
                     rotates_at: r.rotates_at,
                 }
                 .encode(),
-            );
+            )?;
         }
-        batch.insert(key_key(k.key_link), r.encode());
-        batch.insert(
-            log_key(r.key_stream_id, r.seq),
-            LogEntry::encode(k.key_link, r.created_at, r.expires_at, k.wrapped_keyset),
-        );
-        batch.insert(expiry_key(r.expires_at, k.key_link), &[] as &[u8]);
-        self.keys.apply_batch(batch)?;
         Ok(())
     }
 
     pub fn key(&self, link: Uuid) -> Result<Option<KeyRecord>> {
         self.keys
-            .get(key_key(link))?
+            .get(link.as_bytes())?
             .map(|v| KeyRecord::decode(&v))
             .transpose()
     }
 
     pub fn log_entry(&self, ksid: Uuid, seq: u64) -> Result<Option<LogEntry>> {
         let k = log_key(ksid, seq);
-        self.keys
-            .get(&k)?
+        self.log
+            .get(k)?
             .map(|v| LogEntry::decode(&k, &v))
             .transpose()
     }
 
     /// The highest sequence number in a key stream, if any.
     pub fn last_seq(&self, ksid: Uuid) -> Result<Option<u64>> {
-        match self
-            .keys
-            .scan_prefix(key_of(PREFIX_LOG, &[ksid.as_bytes()]))
-            .next_back()
-        {
-            Some(kv) => Ok(Some(u64_at(&kv?.0, 17))),
+        match self.log.scan_prefix(ksid.as_bytes()).next_back() {
+            Some(kv) => Ok(Some(u64_at(&kv?.0, 16))),
             None => Ok(None),
         }
     }
 
     /// The lowest sequence number still in a key stream, if any.
     pub fn first_seq(&self, ksid: Uuid) -> Result<Option<u64>> {
-        match self
-            .keys
-            .scan_prefix(key_of(PREFIX_LOG, &[ksid.as_bytes()]))
-            .next()
-        {
-            Some(kv) => Ok(Some(u64_at(&kv?.0, 17))),
+        match self.log.scan_prefix(ksid.as_bytes()).next() {
+            Some(kv) => Ok(Some(u64_at(&kv?.0, 16))),
             None => Ok(None),
         }
     }
@@ -669,7 +675,7 @@ impl Store {
         if from > to {
             return Ok(Vec::new());
         }
-        self.keys
+        self.log
             .range(log_key(ksid, from)..=log_key(ksid, to))
             .take(limit)
             .map(|kv| {
@@ -679,85 +685,42 @@ impl Store {
             .collect()
     }
 
-    /// Keys whose expiry is at or before `now`, oldest first, at most `limit`.
-    pub fn expired(&self, now: u64, limit: usize) -> Result<Vec<(u64, Uuid)>> {
-        let start = key_of(PREFIX_EXPIRY, &[]);
-        let end = expiry_key(now, Uuid::max());
-        self.keys
-            .range(start..=end)
-            .take(limit)
-            .map(|kv| {
-                let (k, _) = kv?;
-                if k.len() != 25 {
-                    return Err(corrupt("expiry", format!("{} bytes", k.len())));
-                }
-                Ok((u64_at(&k, 1), uuid_at(&k, 9)))
-            })
-            .collect()
-    }
-
-    /// Purges one expired key: drops its current-key pointer if it still points to it,
-    /// turns the key record into a tombstone and removes the expiry entry.
-    pub fn purge_key(&self, expires_at: u64, link: Uuid) -> Result<()> {
-        if let Some(mut record) = self.key(link)? {
-            let ckey = current_key(record.key_stream_id, &record.field_hash);
-            if let Some(old) = self.keys.get(&ckey)?
-                && CurrentKey::decode(&old)?.key_link == link
-            {
-                // Only if nobody replaced it meanwhile: a rotation must not be undone.
-                let _ = self
-                    .keys
-                    .compare_and_swap(&ckey, Some(old), None as Option<&[u8]>)?;
-            }
-            record.state = KeyState::Purged;
-            let mut batch = sled::Batch::default();
-            batch.insert(key_key(link), record.encode());
-            batch.remove(expiry_key(expires_at, link));
-            self.keys.apply_batch(batch)?;
-        } else {
-            self.keys.remove(expiry_key(expires_at, link))?;
-        }
-        Ok(())
-    }
-
-    /// Trims the head of a key stream: removes entries created before `cutoff` whose key
-    /// is already purged (or gone), with their tombstones. Stops at the first entry that
-    /// must stay. Returns how many were removed.
-    pub fn trim_log(&self, ksid: Uuid, cutoff: u64, limit: usize) -> Result<usize> {
-        let mut batch = sled::Batch::default();
-        let mut n = 0;
-        for kv in self
-            .keys
-            .scan_prefix(key_of(PREFIX_LOG, &[ksid.as_bytes()]))
-            .take(limit)
+    /// Drops the current-key pointer of an expired key, if it still points to it (a
+    /// rotation that replaced it meanwhile must not be undone). True when it did.
+    pub fn drop_pointer(&self, e: &LogEntry, ksid: Uuid) -> Result<bool> {
+        let ckey = current_key(ksid, &e.field_hash);
+        if let Some(old) = self.current.get(&ckey)?
+            && CurrentKey::decode(&old)?.key_link == e.key_link
         {
+            return Ok(self
+                .current
+                .compare_and_swap(&ckey, Some(old), None as Option<&[u8]>)?
+                .is_ok());
+        }
+        Ok(false)
+    }
+
+    /// Trims the head of a key stream: removes entries created before `cutoff` whose
+    /// key has expired by `now`, with their key records (first, so that a crash leaves
+    /// an entry the next round removes). Stops at the first entry that must stay.
+    /// Returns how many were removed.
+    pub fn trim_log(&self, ksid: Uuid, cutoff: u64, now: u64, limit: usize) -> Result<usize> {
+        let mut keys = sled::Batch::default();
+        let mut log = sled::Batch::default();
+        let mut n = 0;
+        for kv in self.log.scan_prefix(ksid.as_bytes()).take(limit) {
             let (k, v) = kv?;
             let e = LogEntry::decode(&k, &v)?;
-            if e.created_at >= cutoff {
+            if e.created_at >= cutoff || e.expires_at > now {
                 break;
             }
-            match self.key(e.key_link)? {
-                Some(r) if r.state == KeyState::Live => break,
-                _ => {}
-            }
-            batch.remove(k);
-            batch.remove(key_key(e.key_link));
+            keys.remove(e.key_link.as_bytes());
+            log.remove(k);
             n += 1;
         }
         if n > 0 {
-            self.keys.apply_batch(batch)?;
-        }
-        Ok(n)
-    }
-
-    /// Counts `k` records that are live (for metrics at start-up).
-    pub fn count_live_keys(&self) -> Result<u64> {
-        let mut n = 0;
-        for kv in self.keys.scan_prefix([PREFIX_KEY]) {
-            let (_, v) = kv?;
-            if KeyRecord::decode(&v)?.state == KeyState::Live {
-                n += 1;
-            }
+            self.keys.apply_batch(keys)?;
+            self.log.apply_batch(log)?;
         }
         Ok(n)
     }
@@ -879,10 +842,9 @@ mod tests {
                     created_at: created,
                     rotates_at: created + 10,
                     expires_at: expires,
-                    field_hash: [hash; 32],
-                    state: KeyState::Live,
                 },
                 key_link: link,
+                field_hash: [hash; 32],
                 wrapped_keyset: b"wrapped",
                 current: true,
             })
@@ -907,41 +869,40 @@ mod tests {
         assert_eq!(cur.rotates_at, 110);
         let rec = store.key(link).unwrap().unwrap();
         assert_eq!(rec.expires_at, 200);
-        assert_eq!(rec.state, KeyState::Live);
         let e = store.log_entry(ksid, 0).unwrap().unwrap();
         assert_eq!(e.key_link, link);
+        assert_eq!(e.field_hash, [1; 32]);
         assert_eq!(e.wrapped_keyset, b"wrapped");
         assert_eq!(store.last_seq(ksid).unwrap(), Some(0));
         assert_eq!(store.last_seq(Uuid::new_v4()).unwrap(), None);
     }
 
     #[tokio::test]
-    async fn expiry_index_purge_and_trim() {
+    async fn pointers_of_expired_keys_and_trim() {
         let (_d, store) = open();
         let ksid = Uuid::new_v4();
         let a = new_key(&store, ksid, 0, 1, 100, 150);
-        let b = new_key(&store, ksid, 1, 2, 120, 300);
-        assert_eq!(store.expired(149, 10).unwrap(), vec![]);
-        assert_eq!(store.expired(150, 10).unwrap(), vec![(150, a)]);
-        store.purge_key(150, a).unwrap();
-        assert_eq!(store.key(a).unwrap().unwrap().state, KeyState::Purged);
+        let _b = new_key(&store, ksid, 1, 2, 120, 300);
+        let ea = store.log_entry(ksid, 0).unwrap().unwrap();
+        assert!(store.drop_pointer(&ea, ksid).unwrap());
         assert!(store.current(ksid, &[1; 32]).unwrap().is_none());
+        assert!(!store.drop_pointer(&ea, ksid).unwrap(), "already gone");
         assert!(store.current(ksid, &[2; 32]).unwrap().is_some());
-        assert_eq!(store.expired(1000, 10).unwrap(), vec![(300, b)]);
-        // b is live: trimming stops there even though its creation is old.
-        assert_eq!(store.trim_log(ksid, 1000, 100).unwrap(), 1);
+        // b has not expired at 200: trimming stops there even though it is old.
+        assert_eq!(store.trim_log(ksid, 1000, 200, 100).unwrap(), 1);
         assert!(store.key(a).unwrap().is_none());
         assert_eq!(store.first_seq(ksid).unwrap(), Some(1));
         assert_eq!(store.log_range(ksid, 0, 10, 10).unwrap().len(), 1);
     }
 
     #[tokio::test]
-    async fn purge_keeps_a_rotated_pointer() {
+    async fn a_rotated_pointer_is_kept() {
         let (_d, store) = open();
         let ksid = Uuid::new_v4();
-        let old = new_key(&store, ksid, 0, 1, 100, 150);
+        new_key(&store, ksid, 0, 1, 100, 150);
         let new = new_key(&store, ksid, 1, 1, 140, 400);
-        store.purge_key(150, old).unwrap();
+        let old_entry = store.log_entry(ksid, 0).unwrap().unwrap();
+        assert!(!store.drop_pointer(&old_entry, ksid).unwrap());
         assert_eq!(
             store.current(ksid, &[1; 32]).unwrap().unwrap().key_link,
             new
@@ -959,8 +920,9 @@ mod tests {
         };
         assert!(store.insert_stream(&s).unwrap());
         assert!(!store.insert_stream(&s).unwrap());
+        let mut links = Vec::new();
         for i in 0..5 {
-            new_key(&store, s.key_stream_id, i, i as u8, 100, 200);
+            links.push(new_key(&store, s.key_stream_id, i, i as u8, 100, 200));
         }
         store.delete_stream(&s, &[]).unwrap();
         assert!(store.streams().unwrap().is_empty());
@@ -977,7 +939,9 @@ mod tests {
         }
         assert_eq!(total, 10);
         assert!(store.deleted_streams().unwrap().is_empty());
-        assert!(store.expired(u64::MAX, 10).unwrap().is_empty());
+        for l in links {
+            assert!(store.key(l).unwrap().is_none());
+        }
     }
 
     #[tokio::test]

@@ -93,12 +93,12 @@ impl Collector for DomainCollector {
             "Keys purged since start.",
             c.purged.load(Ordering::Relaxed),
         )?;
-        if c.live_counted.load(Ordering::Relaxed) {
+        if let Ok(live) = self.keys.live_keys() {
             gauge(
                 &mut enc,
                 "keyexportd_keys_live",
                 "Keys not yet purged.",
-                c.live.load(Ordering::Relaxed),
+                live as i64,
             )?;
         }
         let streams: Vec<(String, ConstGauge)> = self
