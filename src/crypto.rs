@@ -201,6 +201,14 @@ pub fn keyset_json(bytes: &[u8]) -> Result<serde_json::Value> {
     serde_json::to_value(&keyset).map_err(|e| CryptoError::Keyset(e.to_string()))
 }
 
+/// The cleartext keyset as Tink JSON text, serialized straight from the proto.
+pub fn keyset_json_text(bytes: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+    let keyset = decode_keyset(bytes)?;
+    serde_json::to_vec(&keyset)
+        .map(Zeroizing::new)
+        .map_err(|e| CryptoError::Keyset(e.to_string()))
+}
+
 /// Parses a Tink JSON keyset (as exported) back into bytes, checking it is a
 /// deterministic-AEAD keyset.
 pub fn keyset_from_json(value: &serde_json::Value) -> Result<KeysetBytes> {
@@ -302,6 +310,9 @@ mod tests {
     fn data_key_json_has_the_exported_shape() {
         let ks = new_data_key().unwrap();
         let json = keyset_json(&ks).unwrap();
+        let text: serde_json::Value =
+            serde_json::from_slice(&keyset_json_text(&ks).unwrap()).unwrap();
+        assert_eq!(text, json, "the same JSON either way");
         let key = &json["key"][0];
         assert_eq!(json["primaryKeyId"], key["keyId"]);
         assert_eq!(

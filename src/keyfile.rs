@@ -39,18 +39,21 @@ pub struct ExportedKey {
     pub line: usize,
 }
 
-/// Renders keys (keyLink, Tink JSON keyset) into one object's bytes.
-pub fn render<'a>(format: Format, keys: impl IntoIterator<Item = (Uuid, &'a Value)>) -> Vec<u8> {
+/// Renders keys (keyLink, Tink JSON keyset as compact JSON text) into one object.
+pub fn render<'a>(format: Format, keys: impl IntoIterator<Item = (Uuid, &'a [u8])>) -> Vec<u8> {
     match format {
         Format::Jsonl => {
             let mut out = Vec::new();
             for (link, keyset) in keys {
-                serde_json::to_writer(
-                    &mut out,
-                    &serde_json::json!({"keyLink": link.to_string(), "tinkKey": keyset}),
-                )
-                .expect("JSON values serialize");
-                out.push(b'\n');
+                out.extend_from_slice(b"{\"keyLink\":\"");
+                out.extend_from_slice(
+                    link.hyphenated()
+                        .encode_lower(&mut Uuid::encode_buffer())
+                        .as_bytes(),
+                );
+                out.extend_from_slice(b"\",\"tinkKey\":");
+                out.extend_from_slice(keyset);
+                out.extend_from_slice(b"}\n");
             }
             out
         }
@@ -58,10 +61,10 @@ pub fn render<'a>(format: Format, keys: impl IntoIterator<Item = (Uuid, &'a Valu
             let mut w = csv::WriterBuilder::new()
                 .quote_style(csv::QuoteStyle::Always)
                 .from_writer(Vec::new());
-            w.write_record(["keyLink", "encryptionKey"])
+            w.write_record(["keyLink".as_bytes(), b"encryptionKey"])
                 .expect("writing to memory");
             for (link, keyset) in keys {
-                w.write_record([link.to_string(), keyset.to_string()])
+                w.write_record([link.to_string().as_bytes(), keyset])
                     .expect("writing to memory");
             }
             w.into_inner().expect("writing to memory")
@@ -168,8 +171,9 @@ mod tests {
         let b = Uuid::new_v4();
         let ka = serde_json::json!({"primaryKeyId": 1, "key": [{"x": "quote \" inside"}]});
         let kb = serde_json::json!({"primaryKeyId": 2, "key": []});
+        let (ta, tb) = (ka.to_string(), kb.to_string());
         for format in [Format::Jsonl, Format::Csv] {
-            let bytes = render(format, [(a, &ka), (b, &kb)]);
+            let bytes = render(format, [(a, ta.as_bytes()), (b, tb.as_bytes())]);
             let name = format!("p/2021-05-04T14:13:30-keys-{a}---0.{}", format.extension());
             let (keys, problems) = parse(&name, &bytes);
             assert!(problems.is_empty(), "{problems:?}");
@@ -179,7 +183,7 @@ mod tests {
             assert_eq!(keys[1].tink_key, kb);
             assert_eq!(name_parts(&name), Some((1_620_137_610_000, a)));
         }
-        let csv = render(Format::Csv, [(a, &ka)]);
+        let csv = render(Format::Csv, [(a, ta.as_bytes())]);
         assert!(csv.starts_with(b"\"keyLink\",\"encryptionKey\"\n"));
         let bad = format!(
             "{{\"keyLink\":\"{a}\",\"tinkKey\":{{}}}}\nnot json\n{{\"keyLink\":\"x\",\"tinkKey\":{{}}}}\n"

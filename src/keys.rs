@@ -123,7 +123,7 @@ pub struct StreamKey {
     pub seq: u64,
     pub key_link: Uuid,
     pub created_at: u64,
-    wrapped: Vec<u8>,
+    entry: crate::store::LogEntry,
 }
 
 /// Counters the metrics endpoint reads.
@@ -534,7 +534,7 @@ impl Keys {
                 "key stream entry of another key".into(),
             ));
         }
-        self.master.unwrap(&entry.wrapped_keyset, link.as_bytes())
+        self.master.unwrap(entry.wrapped_keyset(), link.as_bytes())
     }
 
     /// Encrypts each value deterministically under `key` (empty associated data).
@@ -651,15 +651,26 @@ impl Keys {
                 seq: e.seq,
                 key_link: e.key_link,
                 created_at: e.created_at,
-                wrapped: e.wrapped_keyset,
+                entry: e,
             })
             .collect())
     }
 
     /// The cleartext Tink JSON keyset of a key stream entry, as exports carry it.
     pub fn stream_keyset_json(&self, key: &StreamKey) -> Result<serde_json::Value> {
-        let keyset = self.master.unwrap(&key.wrapped, key.key_link.as_bytes())?;
+        let keyset = self
+            .master
+            .unwrap(key.entry.wrapped_keyset(), key.key_link.as_bytes())?;
         Ok(crypto::keyset_json(&keyset)?)
+    }
+
+    /// The same keyset as JSON text, written straight from the proto (the exporters'
+    /// hot path: no JSON value is built); zeroized on drop.
+    pub fn stream_keyset_json_text(&self, key: &StreamKey) -> Result<Zeroizing<Vec<u8>>> {
+        let keyset = self
+            .master
+            .unwrap(key.entry.wrapped_keyset(), key.key_link.as_bytes())?;
+        Ok(crypto::keyset_json_text(&keyset)?)
     }
 
     // --- figures for metrics ---------------------------------------------------------

@@ -125,8 +125,16 @@ pub struct LogEntry {
     pub expires_at: u64,
     /// Keyed hash of the `keyField`: lets the purge drop the current-key pointer.
     pub field_hash: [u8; 32],
-    /// The keyset proto, wrapped by the master key with the keyLink as associated data.
-    pub wrapped_keyset: Vec<u8>,
+    /// The stored value; its tail is the keyset proto wrapped by the master key with the
+    /// keyLink as associated data. Kept as sled's shared buffer: decoding copies nothing.
+    value: sled::IVec,
+}
+
+impl LogEntry {
+    /// The wrapped keyset.
+    pub fn wrapped_keyset(&self) -> &[u8] {
+        &self.value[Self::HEAD..]
+    }
 }
 
 /// Everything written when a key is created.
@@ -237,17 +245,17 @@ impl LogEntry {
         v.extend_from_slice(k.wrapped_keyset);
         v
     }
-    fn decode(key: &[u8], b: &[u8]) -> Result<Self> {
+    fn decode(key: &[u8], b: sled::IVec) -> Result<Self> {
         if key.len() != 24 || b.len() < Self::HEAD {
             return Err(corrupt("key stream", format!("{} bytes", b.len())));
         }
         Ok(LogEntry {
             seq: u64_at(key, 16),
-            key_link: uuid_at(b, 0),
-            created_at: u64_at(b, 16),
-            expires_at: u64_at(b, 24),
+            key_link: uuid_at(&b, 0),
+            created_at: u64_at(&b, 16),
+            expires_at: u64_at(&b, 24),
             field_hash: b[32..64].try_into().expect("32 bytes"),
-            wrapped_keyset: b[Self::HEAD..].to_vec(),
+            value: b,
         })
     }
 }
@@ -580,7 +588,7 @@ impl Store {
         let mut n = 0;
         for kv in self.log.scan_prefix(ksid.as_bytes()).take(limit) {
             let (k, v) = kv?;
-            let e = LogEntry::decode(&k, &v)?;
+            let e = LogEntry::decode(&k, v)?;
             self.keys.remove(e.key_link.as_bytes())?;
             self.log.remove(k)?;
             n += 1;
@@ -650,7 +658,7 @@ impl Store {
         let k = log_key(ksid, seq);
         self.log
             .get(k)?
-            .map(|v| LogEntry::decode(&k, &v))
+            .map(|v| LogEntry::decode(&k, v))
             .transpose()
     }
 
@@ -680,7 +688,7 @@ impl Store {
             .take(limit)
             .map(|kv| {
                 let (k, v) = kv?;
-                LogEntry::decode(&k, &v)
+                LogEntry::decode(&k, v)
             })
             .collect()
     }
@@ -710,7 +718,7 @@ impl Store {
         let mut n = 0;
         for kv in self.log.scan_prefix(ksid.as_bytes()).take(limit) {
             let (k, v) = kv?;
-            let e = LogEntry::decode(&k, &v)?;
+            let e = LogEntry::decode(&k, v)?;
             if e.created_at >= cutoff || e.expires_at > now {
                 break;
             }
@@ -872,7 +880,7 @@ mod tests {
         let e = store.log_entry(ksid, 0).unwrap().unwrap();
         assert_eq!(e.key_link, link);
         assert_eq!(e.field_hash, [1; 32]);
-        assert_eq!(e.wrapped_keyset, b"wrapped");
+        assert_eq!(e.wrapped_keyset(), b"wrapped");
         assert_eq!(store.last_seq(ksid).unwrap(), Some(0));
         assert_eq!(store.last_seq(Uuid::new_v4()).unwrap(), None);
     }

@@ -1,10 +1,10 @@
 //! `/v1/batch-exporters`: exporter CRUD, status and flush.
 
-use hyper::{Method, StatusCode};
+use hyper::Method;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, Ctx, Reply, ok};
+use super::{ApiError, Ctx, Reply, created, ok};
 use crate::duration::{Seconds, rfc3339};
 use crate::export::NewExporter;
 use crate::export::batch::{ExporterDef, Format, Status};
@@ -139,7 +139,7 @@ pub(crate) async fn handle(one: bool, ctx: Ctx<'_>) -> Reply {
                 def.sink_name,
                 def.path_prefix
             );
-            Ok((StatusCode::CREATED, view(billing, &def)))
+            created(view(billing, &def))
         }
         (true, &Method::GET) => {
             let (d, s) = exporters.get(&ctx.param)?;

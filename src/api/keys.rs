@@ -3,13 +3,16 @@
 //!
 //! Ciphertexts travel as standard padded base64; plaintexts as JSON strings.
 
+use std::fmt;
+
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde::Deserialize;
+use serde::de::{self, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
-use super::{ApiError, Ctx, Reply, ok};
+use super::{ApiError, Ctx, Reply, ok, ok_rendered};
 use crate::duration::rfc3339;
 use crate::keys::IssuedKey;
 
@@ -19,18 +22,88 @@ struct KeyRequest {
     key_field: String,
 }
 
+/// A `values` object as sent: names in order, each with its string, or None when the
+/// value is not a string (reported with its path once the whole body is read). Read
+/// without building JSON values: batches of thousands of fields are the hot path.
+struct Fields(Vec<(String, Option<String>)>);
+
+/// One value of a `values` object: a string, or anything else (skipped).
+struct FieldValue(Option<String>);
+
+impl<'de> Deserialize<'de> for FieldValue {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = FieldValue;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a value")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<FieldValue, E> {
+                Ok(FieldValue(Some(v.to_string())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<FieldValue, E> {
+                Ok(FieldValue(Some(v)))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<FieldValue, E> {
+                Ok(FieldValue(None))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<FieldValue, E> {
+                Ok(FieldValue(None))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<FieldValue, E> {
+                Ok(FieldValue(None))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<FieldValue, E> {
+                Ok(FieldValue(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<FieldValue, E> {
+                Ok(FieldValue(None))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut a: A) -> Result<FieldValue, A::Error> {
+                while a.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(FieldValue(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<FieldValue, A::Error> {
+                while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(FieldValue(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Fields {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Fields;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object of named string values")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Fields, A::Error> {
+                let mut out = Vec::with_capacity(a.size_hint().unwrap_or(4));
+                while let Some((k, v)) = a.next_entry::<String, FieldValue>()? {
+                    out.push((k, v.0));
+                }
+                Ok(Fields(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct EncryptEvent {
     key_field: String,
-    values: Map<String, Value>,
+    values: Fields,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct EncryptRequest {
     key_field: Option<String>,
-    values: Option<Map<String, Value>>,
+    values: Option<Fields>,
     events: Option<Vec<EncryptEvent>>,
 }
 
@@ -38,7 +111,7 @@ struct EncryptRequest {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct DecryptRequest {
     key_link: String,
-    values: Map<String, Value>,
+    values: Fields,
 }
 
 fn parse_key_link(text: &str) -> Result<Uuid, ApiError> {
@@ -48,29 +121,55 @@ fn parse_key_link(text: &str) -> Result<Uuid, ApiError> {
 
 /// The string values of a `values` object; `where_` prefixes error messages.
 fn string_values<'a>(
-    values: &'a Map<String, Value>,
+    values: &'a Fields,
     where_: &str,
 ) -> Result<Vec<(&'a str, &'a str)>, ApiError> {
     values
+        .0
         .iter()
         .map(|(k, v)| match v {
-            Value::String(s) => Ok((k.as_str(), s.as_str())),
-            _ => Err(ApiError::bad_request(format!(
+            Some(s) => Ok((k.as_str(), s.as_str())),
+            None => Err(ApiError::bad_request(format!(
                 "{where_}values.{k} must be a string"
             ))),
         })
         .collect()
 }
 
-fn encrypted(ctx: &Ctx<'_>, key: &IssuedKey, values: &[(&str, &str)]) -> Result<Value, ApiError> {
+/// Appends `{"keyLink":"..","values":{"name":"<base64>",..}}` for one encrypted event,
+/// written straight into the answer.
+fn write_encrypted(
+    out: &mut Vec<u8>,
+    ctx: &Ctx<'_>,
+    key: &IssuedKey,
+    values: &[(&str, &str)],
+) -> Result<(), ApiError> {
     let plaintexts: Vec<&[u8]> = values.iter().map(|(_, v)| v.as_bytes()).collect();
     let cts = ctx.state.keys.encrypt(key, &plaintexts)?;
-    let out: Map<String, Value> = values
-        .iter()
-        .zip(cts)
-        .map(|((k, _), ct)| (k.to_string(), Value::String(STANDARD.encode(ct))))
-        .collect();
-    Ok(json!({"keyLink": key.key_link.to_string(), "values": out}))
+    out.extend_from_slice(b"{\"keyLink\":\"");
+    out.extend_from_slice(
+        key.key_link
+            .hyphenated()
+            .encode_lower(&mut Uuid::encode_buffer())
+            .as_bytes(),
+    );
+    out.extend_from_slice(b"\",\"values\":{");
+    for (i, ((name, _), ct)) in values.iter().zip(cts).enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut *out, name).expect("writing to memory");
+        out.extend_from_slice(b":\"");
+        let at = out.len();
+        out.resize(at + ct.len().div_ceil(3) * 4, 0);
+        let n = STANDARD
+            .encode_slice(&ct, &mut out[at..])
+            .expect("sized for base64");
+        out.truncate(at + n);
+        out.push(b'"');
+    }
+    out.extend_from_slice(b"}}");
+    Ok(())
 }
 
 pub(crate) async fn get_or_create(ctx: Ctx<'_>) -> Reply {
@@ -133,16 +232,20 @@ pub(crate) async fn encrypt(ctx: Ctx<'_>) -> Reply {
         .keys
         .get_or_create_many(&ctx.param, &fields)
         .await?;
-    let mut out = keys
-        .iter()
-        .zip(&events)
-        .map(|(key, e)| encrypted(&ctx, key, &e.values))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut out = Vec::with_capacity(events.len() * 160);
     if batch {
-        ok(json!({ "events": out }))
-    } else {
-        ok(out.pop().expect("one event"))
+        out.extend_from_slice(b"{\"events\":[");
     }
+    for (i, (key, e)) in keys.iter().zip(&events).enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_encrypted(&mut out, &ctx, key, &e.values)?;
+    }
+    if batch {
+        out.extend_from_slice(b"]}");
+    }
+    ok_rendered(out)
 }
 
 /// Named ciphertexts, decoded from base64.
@@ -151,7 +254,7 @@ type Ciphertexts<'a> = Vec<(&'a str, Vec<u8>)>;
 /// Checks a decrypt body: the keyLink and the base64 ciphertexts.
 fn checked_decrypt(body: &DecryptRequest) -> Result<(Uuid, Ciphertexts<'_>), ApiError> {
     let link = parse_key_link(&body.key_link)?;
-    let mut cts = Vec::with_capacity(body.values.len());
+    let mut cts = Vec::with_capacity(body.values.0.len());
     for (name, text) in string_values(&body.values, "")? {
         let ct = STANDARD.decode(text).map_err(|_| {
             ApiError::bad_request(format!("values.{name} is not standard (padded) base64"))

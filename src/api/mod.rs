@@ -171,11 +171,36 @@ impl Ctx<'_> {
     }
 }
 
-/// A handler's answer: a status and a JSON body.
-pub(crate) type Reply = Result<(StatusCode, serde_json::Value), ApiError>;
+/// A handler's answer body: a JSON value, or bytes already rendered (large JSON answers
+/// written straight from the data, and the Prometheus text).
+pub(crate) enum Body {
+    Json(serde_json::Value),
+    Rendered {
+        bytes: Vec<u8>,
+        content_type: &'static str,
+    },
+}
+
+/// A handler's answer: a status and a body.
+pub(crate) type Reply = Result<(StatusCode, Body), ApiError>;
 
 pub(crate) fn ok(value: serde_json::Value) -> Reply {
-    Ok((StatusCode::OK, value))
+    Ok((StatusCode::OK, Body::Json(value)))
+}
+
+pub(crate) fn created(value: serde_json::Value) -> Reply {
+    Ok((StatusCode::CREATED, Body::Json(value)))
+}
+
+/// A JSON answer rendered by the handler.
+pub(crate) fn ok_rendered(bytes: Vec<u8>) -> Reply {
+    Ok((
+        StatusCode::OK,
+        Body::Rendered {
+            bytes,
+            content_type: "application/json",
+        },
+    ))
 }
 
 async fn dispatch(route: Route, ctx: Ctx<'_>) -> Reply {
@@ -191,8 +216,13 @@ async fn dispatch(route: Route, ctx: Ctx<'_>) -> Reply {
                 ))
             }
         },
-        // The one answer that is not JSON: see `handle`.
-        Route::Metrics => ok(serde_json::Value::String(ctx.state.metrics.render())),
+        Route::Metrics => Ok((
+            StatusCode::OK,
+            Body::Rendered {
+                bytes: ctx.state.metrics.render().into_bytes(),
+                content_type: "text/plain; version=0.0.4; charset=utf-8",
+            },
+        )),
         Route::Account => ok(serde_json::json!({
             "billingId": ctx.state.account.billing_id,
             "keyExportAllowed": ctx.state.account.key_export_allowed,
@@ -212,15 +242,21 @@ async fn dispatch(route: Route, ctx: Ctx<'_>) -> Reply {
     }
 }
 
-fn respond(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(
-        serde_json::to_vec(body).expect("JSON values serialize"),
-    )));
+fn respond(status: StatusCode, body: Body) -> Response<Full<Bytes>> {
+    let (bytes, content_type) = match body {
+        Body::Json(v) => (
+            serde_json::to_vec(&v).expect("JSON values serialize"),
+            "application/json",
+        ),
+        Body::Rendered {
+            bytes,
+            content_type,
+        } => (bytes, content_type),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp
 }
 
@@ -280,7 +316,6 @@ async fn handle(
         .ok()
         .map(|m| (*m.value, m.params.iter().next().map(|(_, v)| v.to_string())));
     let pattern = matched.as_ref().map_or("unmatched", |((_, p), _)| *p);
-    let route = matched.as_ref().map(|((r, _), _)| *r);
     let result: Reply = async {
         let Some(((route, _), param)) = matched else {
             return Err(ApiError::not_found(format!("no route {path}")));
@@ -312,22 +347,13 @@ async fn handle(
     }
     .await;
     let response = match result {
-        Ok((status, serde_json::Value::String(text))) if route == Some(Route::Metrics) => {
-            let mut resp = Response::new(Full::new(Bytes::from(text)));
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            *resp.status_mut() = status;
-            resp
-        }
         Ok((status, body)) => {
             log::debug!("{method} {path} -> {}", status.as_u16());
-            respond(status, &body)
+            respond(status, body)
         }
         Err(e) => {
             log::debug!("{method} {path} -> {}: {}", e.status.as_u16(), e.message);
-            respond(e.status, &e.body())
+            respond(e.status, Body::Json(e.body()))
         }
     };
     state.metrics.observe(

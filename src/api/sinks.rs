@@ -1,12 +1,12 @@
 //! `/v1/sinks` and `/v1/sinks/{name}`: sink CRUD. Credentials are write-only: accepted
 //! on create, stored wrapped, never returned.
 
-use hyper::{Method, StatusCode};
+use hyper::Method;
 use serde::Deserialize;
 use serde_json::json;
 use zeroize::Zeroizing;
 
-use super::{ApiError, Ctx, Reply, ok};
+use super::{ApiError, Ctx, Reply, created, ok};
 use crate::export::NewSink;
 use crate::export::sink::{BucketSpec, Credentials, SinkRecord};
 
@@ -140,7 +140,7 @@ pub(crate) async fn handle(one: bool, ctx: Ctx<'_>) -> Reply {
                 record.location(),
                 ctx.caller_name()
             );
-            Ok((StatusCode::CREATED, record.view()))
+            created(record.view())
         }
         (true, &Method::GET) => ok(json!({"sink": exporters.sink(&ctx.param)?.view()})),
         (true, _) => {

@@ -1,10 +1,10 @@
 //! `/v1/streams` and `/v1/streams/{name}`: create, list, get and delete streams.
 
-use hyper::{Method, StatusCode};
+use hyper::Method;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{Ctx, Reply, ok};
+use super::{Ctx, Reply, created, ok};
 use crate::duration::{Seconds, rfc3339};
 use crate::store::StreamRecord;
 
@@ -45,7 +45,7 @@ pub(crate) async fn handle(one: bool, ctx: Ctx<'_>) -> Reply {
                 record.name,
                 ctx.caller_name()
             );
-            Ok((StatusCode::CREATED, stream_json(billing, &record)))
+            created(stream_json(billing, &record))
         }
         (true, &Method::GET) => {
             let stream = keys.stream(&ctx.param)?;

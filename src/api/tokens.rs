@@ -1,10 +1,10 @@
 //! `/v1/tokens`: scoped API tokens. The secret is in the create answer and nowhere else.
 
-use hyper::{Method, StatusCode};
+use hyper::Method;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{ApiError, Ctx, Reply, ok};
+use super::{ApiError, Ctx, Reply, created, ok};
 use crate::auth::{Scope, TokenRecord};
 use crate::duration::rfc3339;
 
@@ -65,7 +65,7 @@ pub(crate) fn handle(one: bool, ctx: Ctx<'_>) -> Reply {
             );
             let mut v = view(&record);
             v["token"] = json!(secret);
-            Ok((StatusCode::CREATED, v))
+            created(v)
         }
         (true, _) => {
             auth.revoke(&ctx.param)?;

@@ -104,11 +104,14 @@ pub fn object_names(def: &ExporterDef, boundary: u64, keys: u64, per_object: u64
 fn render(keys: &Keys, format: Format, entries: &[StreamKey]) -> Result<Vec<u8>, ExportError> {
     let keysets = entries
         .iter()
-        .map(|e| keys.stream_keyset_json(e))
+        .map(|e| keys.stream_keyset_json_text(e))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(keyfile::render(
         format,
-        entries.iter().map(|e| e.key_link).zip(keysets.iter()),
+        entries
+            .iter()
+            .map(|e| e.key_link)
+            .zip(keysets.iter().map(|k| k.as_slice())),
     ))
 }
 
