@@ -8,6 +8,8 @@
 //!     --token-file keyexportd-data/admin.token --stream s --rate 1000 --seconds 60 \
 //!     --out answered.txt
 //! ```
+//!
+//! `--count N` stops after N requests, `--stop-file F` as soon as F exists.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +28,8 @@ struct Args {
     out: Option<String>,
     /// Stop after this many requests (0: no limit).
     count: u64,
+    /// Stop as soon as this file exists (the benchmark's end of a measured phase).
+    stop_file: Option<std::path::PathBuf>,
 }
 
 fn parse_args() -> Args {
@@ -39,6 +43,7 @@ fn parse_args() -> Args {
         prefix: format!("load-{}", std::process::id()),
         out: None,
         count: 0,
+        stop_file: None,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -59,6 +64,7 @@ fn parse_args() -> Args {
             "--prefix" => a.prefix = v,
             "--out" => a.out = Some(v),
             "--count" => a.count = v.parse().expect("--count N"),
+            "--stop-file" => a.stop_file = Some(v.into()),
             other => panic!("unknown argument {other}"),
         }
         i += 2;
@@ -109,7 +115,10 @@ async fn main() {
                     let due = started + Duration::from_micros(micros);
                     tokio::time::sleep_until(due.into()).await;
                 }
-                if Instant::now() >= deadline || (args.count > 0 && n >= args.count) {
+                if Instant::now() >= deadline
+                    || (args.count > 0 && n >= args.count)
+                    || args.stop_file.as_ref().is_some_and(|f| f.exists())
+                {
                     break;
                 }
                 let t = Instant::now();

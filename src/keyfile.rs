@@ -39,37 +39,74 @@ pub struct ExportedKey {
     pub line: usize,
 }
 
-/// Renders keys (keyLink, Tink JSON keyset as compact JSON text) into one object.
-pub fn render<'a>(format: Format, keys: impl IntoIterator<Item = (Uuid, &'a [u8])>) -> Vec<u8> {
-    match format {
-        Format::Jsonl => {
-            let mut out = Vec::new();
-            for (link, keyset) in keys {
+/// Writes one exported object, a key at a time, into memory.
+pub struct ObjectWriter {
+    format: Format,
+    /// JSON Lines are written straight into the buffer; CSV goes through the `csv`
+    /// crate, which does the quoting.
+    out: Inner,
+}
+
+enum Inner {
+    Jsonl(Vec<u8>),
+    Csv(Box<csv::Writer<Vec<u8>>>),
+}
+
+impl ObjectWriter {
+    /// An empty object; `capacity` is a hint of its size in bytes.
+    pub fn new(format: Format, capacity: usize) -> ObjectWriter {
+        let out = match format {
+            Format::Jsonl => Inner::Jsonl(Vec::with_capacity(capacity)),
+            Format::Csv => {
+                let mut w = csv::WriterBuilder::new()
+                    .quote_style(csv::QuoteStyle::Always)
+                    .from_writer(Vec::with_capacity(capacity));
+                w.write_record(["keyLink".as_bytes(), b"encryptionKey"])
+                    .expect("writing to memory");
+                Inner::Csv(Box::new(w))
+            }
+        };
+        ObjectWriter { format, out }
+    }
+
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// Adds one key: its keyLink and its Tink JSON keyset as compact JSON text.
+    pub fn push(&mut self, link: Uuid, keyset_json: &[u8]) {
+        let mut buf = Uuid::encode_buffer();
+        let link = link.hyphenated().encode_lower(&mut buf).as_bytes();
+        match &mut self.out {
+            Inner::Jsonl(out) => {
                 out.extend_from_slice(b"{\"keyLink\":\"");
-                out.extend_from_slice(
-                    link.hyphenated()
-                        .encode_lower(&mut Uuid::encode_buffer())
-                        .as_bytes(),
-                );
+                out.extend_from_slice(link);
                 out.extend_from_slice(b"\",\"tinkKey\":");
-                out.extend_from_slice(keyset);
+                out.extend_from_slice(keyset_json);
                 out.extend_from_slice(b"}\n");
             }
-            out
-        }
-        Format::Csv => {
-            let mut w = csv::WriterBuilder::new()
-                .quote_style(csv::QuoteStyle::Always)
-                .from_writer(Vec::new());
-            w.write_record(["keyLink".as_bytes(), b"encryptionKey"])
-                .expect("writing to memory");
-            for (link, keyset) in keys {
-                w.write_record([link.to_string().as_bytes(), keyset])
-                    .expect("writing to memory");
-            }
-            w.into_inner().expect("writing to memory")
+            Inner::Csv(w) => w
+                .write_record([link, keyset_json])
+                .expect("writing to memory"),
         }
     }
+
+    /// The object's bytes.
+    pub fn finish(self) -> Vec<u8> {
+        match self.out {
+            Inner::Jsonl(out) => out,
+            Inner::Csv(w) => w.into_inner().expect("writing to memory"),
+        }
+    }
+}
+
+/// Renders keys (keyLink, Tink JSON keyset as compact JSON text) into one object.
+pub fn render<'a>(format: Format, keys: impl IntoIterator<Item = (Uuid, &'a [u8])>) -> Vec<u8> {
+    let mut w = ObjectWriter::new(format, 0);
+    for (link, keyset) in keys {
+        w.push(link, keyset);
+    }
+    w.finish()
 }
 
 /// True for the empty `.strm_test_<uuid>.jsonl` objects exporters write.

@@ -656,21 +656,44 @@ impl Keys {
             .collect())
     }
 
+    /// The first sequence number in `from..=to` whose key was created at or after `t`
+    /// (ms), or `to + 1` when there is none. A key stream is in creation order (the
+    /// creation time is read under the append lock), so a binary search of point reads
+    /// finds it; entries already trimmed count as old.
+    pub fn first_created_at_or_after(
+        &self,
+        stream: &KeyStream,
+        from: u64,
+        to: u64,
+        t: u64,
+    ) -> Result<u64> {
+        let ksid = stream.record.key_stream_id;
+        let (mut lo, mut hi) = (from, to.saturating_add(1));
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.store.log_entry(ksid, mid)? {
+                Some(e) if e.created_at >= t => hi = mid,
+                _ => lo = mid + 1,
+            }
+        }
+        Ok(lo)
+    }
+
+    /// Appends the cleartext Tink JSON keyset of a key stream entry to `out`, as exports
+    /// carry it (the exporters' hot path: written straight from the proto).
+    pub fn write_stream_keyset_json(&self, key: &StreamKey, out: &mut Vec<u8>) -> Result<()> {
+        let keyset = self
+            .master
+            .unwrap(key.entry.wrapped_keyset(), key.key_link.as_bytes())?;
+        Ok(crypto::write_keyset_json(&keyset, out)?)
+    }
+
     /// The cleartext Tink JSON keyset of a key stream entry, as exports carry it.
     pub fn stream_keyset_json(&self, key: &StreamKey) -> Result<serde_json::Value> {
         let keyset = self
             .master
             .unwrap(key.entry.wrapped_keyset(), key.key_link.as_bytes())?;
         Ok(crypto::keyset_json(&keyset)?)
-    }
-
-    /// The same keyset as JSON text, written straight from the proto (the exporters'
-    /// hot path: no JSON value is built); zeroized on drop.
-    pub fn stream_keyset_json_text(&self, key: &StreamKey) -> Result<Zeroizing<Vec<u8>>> {
-        let keyset = self
-            .master
-            .unwrap(key.entry.wrapped_keyset(), key.key_link.as_bytes())?;
-        Ok(crypto::keyset_json_text(&keyset)?)
     }
 
     // --- figures for metrics ---------------------------------------------------------

@@ -213,14 +213,30 @@ def links_by_object(objects):
 class Load:
     """The load generator in the background, writing answered keyLinks to a file."""
 
-    def __init__(self, loadgen, daemon, stream, rate, seconds, out, connections=16, prefix=None):
+    def __init__(self, loadgen, daemon, stream, rate, seconds, out, connections=16, prefix=None,
+                 stoppable=False):
         token_file = os.path.join(daemon.data_dir, "admin.token")
         args = [loadgen, "--base", daemon.base, "--token-file", token_file, "--stream", stream,
                 "--rate", str(rate), "--seconds", str(seconds), "--out", out,
                 "--connections", str(connections)]
         if prefix:
             args += ["--prefix", prefix]
+        # With stoppable, the load runs until stop() (at most `seconds`).
+        self.stop_file = None
+        if stoppable:
+            fd, self.stop_file = tempfile.mkstemp(prefix="loadgen-stop-")
+            os.close(fd)
+            os.remove(self.stop_file)
+            args += ["--stop-file", self.stop_file]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+
+    def stop(self):
+        """Ends a stoppable load now and returns its summary."""
+        open(self.stop_file, "w").close()
+        try:
+            return self.wait()
+        finally:
+            os.remove(self.stop_file)
 
     def wait(self):
         out, _ = self.proc.communicate()
