@@ -15,8 +15,13 @@ if [ "${1:-}" = "--short" ]; then
     echo "disk-full test skipped: it mounts a tmpfs and needs root" >&2
   fi
 else
+  # The soak plots with matplotlib; only the long form needs it.
+  python3 -c 'import matplotlib' 2>/dev/null ||
+    python3 -m pip install --quiet --disable-pip-version-check matplotlib ||
+    python3 -m pip install --quiet --disable-pip-version-check --break-system-packages matplotlib
   python3 kill_test.py --rounds 20 --rate 500 --out "$out/kill.json"
   python3 outage_test.py --outage 120 --interval 10 --rate 200 --out "$out/outage.json"
   python3 disk_full_test.py --out "$out/disk-full.json"
   python3 soak.py --minutes 30 --rate 1000 --exporters 5 --png ../../docs/soak.png --out "$out/soak.json"
+  python3 report.py "$out" ../../RELIABILITY.md
 fi

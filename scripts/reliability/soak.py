@@ -58,6 +58,23 @@ def plot(samples, path, title):
     fig.savefig(path, dpi=80)
 
 
+def growth_problems(warm):
+    """Flat after warm-up: the last third of the samples may not exceed the middle
+    third's peak by more than 20% (or a small absolute slack for tiny values)."""
+    if len(warm) < 6:
+        return ["too few samples after warm-up to judge growth"]
+    third = len(warm) // 3
+    middle, last = warm[third:2 * third], warm[2 * third:]
+    slack = {"rssMb": 10, "openFiles": 8, "dbMb": 16}
+    out = []
+    for key, extra in slack.items():
+        peak = max(s[key] for s in middle)
+        late = max(s[key] for s in last)
+        if late > max(peak * 1.2, peak + extra):
+            out.append(f"{key} grew after warm-up: {peak} -> {late}")
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--minutes", type=float, default=30)
@@ -114,10 +131,13 @@ def main():
     metrics = d.metrics()
     errors = {f"e{i}": h.metric(metrics, f'keyexportd_exporter_upload_failures_total{{exporter="e{i}"}}')
               for i in range(a.exporters)}
-    pending = {}
+    created = h.metric(metrics, "keyexportd_keys_created_total") or 0
+    pending, exported = {}, {}
     for i in range(a.exporters):
         d.ok("POST", f"/v1/batch-exporters/e{i}/flush")
-        pending[f"e{i}"] = d.ok("GET", f"/v1/batch-exporters/e{i}")["batchExporter"]["status"]["pendingKeys"]
+        st = d.ok("GET", f"/v1/batch-exporters/e{i}")["batchExporter"]["status"]
+        pending[f"e{i}"] = st["pendingKeys"]
+        exported[f"e{i}"] = st["exportedKeys"]
     with open(d.log_path) as f:
         log_errors = [l for l in f if (" ERROR " in l or " WARN " in l)
                       and "generated a new master key" not in l]
@@ -134,8 +154,10 @@ def main():
         "failed": summary["failed"],
         "answeredPerSecond": round(summary["perSecond"], 1),
         "p99Ms": summary["p99Ms"],
+        "keysCreated": created,
         "uploadFailures": errors,
         "pendingAfterFlush": pending,
+        "exportedKeys": exported,
         "logWarningsOrErrors": len(log_errors),
         "exitCode": exit_code,
         "afterWarmUp": {
@@ -152,6 +174,11 @@ def main():
         problems.append(f"upload failures {errors}")
     if any(pending.values()):
         problems.append(f"pending keys after flush {pending}")
+    if any(n != created for n in exported.values()):
+        problems.append(f"exported keys {exported} differ from the {created:.0f} keys created")
+    if summary["ok"] < 0.95 * a.rate * seconds:
+        problems.append(f"only {summary['ok']} keys answered, below 95% of the target rate")
+    problems += growth_problems(warm)
     if log_errors:
         problems.append(f"{len(log_errors)} warnings/errors in the log, first: {log_errors[0].strip()}")
     if exit_code != 0:
