@@ -373,6 +373,60 @@ async fn sink_failures_at_creation_are_clear_and_store_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_and_rejected_credentials_are_clear_and_store_nothing() {
+    // Three free requests: the bucket, the IAM user and its access key; then moto's IAM
+    // checks every request.
+    let s3 = S3Server::start_with_auth(3);
+    s3.create_bucket("guarded");
+    let (key_id, secret) = s3.create_user("no-policy");
+    let d = Daemon::start(EXPORT_ON);
+    d.create_stream("s", None).await;
+    for (sink, key_id, secret) in [
+        ("denied", key_id.as_str(), secret.as_str()),
+        ("rejected", "AKIAUNKNOWN", "not-a-known-secret"),
+    ] {
+        let a = d
+            .call(
+                "POST",
+                "/v1/sinks",
+                Some(json!({"name": sink, "sinkType": "S3", "bucket": {
+                    "bucketName": "guarded", "region": "us-east-1", "endpoint": s3.endpoint(),
+                    "pathStyle": true,
+                    "credentials": {"accessKeyId": key_id, "secretAccessKey": secret}}})),
+            )
+            .await;
+        assert_eq!(a.status, 201, "{}", a.body);
+    }
+    let attempt = |sink: &'static str| {
+        d.call(
+            "POST",
+            "/v1/batch-exporters",
+            Some(json!({"keyStreamRef": {"name": "s"}, "sinkName": sink, "pathPrefix": "p"})),
+        )
+    };
+    let denied = attempt("denied").await;
+    let m = denied.expect_error(400);
+    assert!(
+        m.contains("access denied") && m.contains("s3://guarded/p/.strm_test_"),
+        "{m}"
+    );
+    assert!(!m.contains(&secret), "no secret in the message");
+    let rejected = attempt("rejected").await;
+    let m = rejected.expect_error(400);
+    assert!(m.contains("the credentials were rejected"), "{m}");
+    assert!(
+        !m.contains("not-a-known-secret"),
+        "no secret in the message"
+    );
+    assert_eq!(
+        d.call("GET", "/v1/batch-exporters", None).await.body,
+        json!({"batchExporters": []}),
+        "nothing stored"
+    );
+    assert!(!d.log().contains(&secret) && !d.log().contains("not-a-known-secret"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_creates_sinks_and_exporters_verbatim() {
     let s3 = S3Server::start();
     s3.create_bucket("my-bucket");

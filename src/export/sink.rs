@@ -375,17 +375,18 @@ impl Sink {
         let lower = text.to_lowercase();
         let hint = if lower.contains("nosuchbucket") || lower.contains("bucket does not exist") {
             "the bucket does not exist".to_string()
+        } else if matches!(e, object_store::Error::Unauthenticated { .. })
+            // S3 answers these with 403 too: look for them before access denied.
+            || lower.contains("invalidaccesskeyid")
+            || lower.contains("signaturedoesnotmatch")
+        {
+            "the credentials were rejected: check the access key id and secret".to_string()
         } else if matches!(e, object_store::Error::PermissionDenied { .. })
             || lower.contains("accessdenied")
             || lower.contains("access denied")
             || lower.contains("forbidden")
         {
             "access denied: check the credentials and the bucket policy".to_string()
-        } else if matches!(e, object_store::Error::Unauthenticated { .. })
-            || lower.contains("invalidaccesskeyid")
-            || lower.contains("signaturedoesnotmatch")
-        {
-            "the credentials were rejected".to_string()
         } else if lower.contains("connect")
             || lower.contains("dns")
             || lower.contains("timed out")

@@ -437,6 +437,8 @@ pub fn free_port() -> u16 {
 pub struct S3Server {
     pub port: u16,
     child: Option<Child>,
+    /// Environment of the server process (moto's settings).
+    env: Vec<(String, String)>,
 }
 
 impl S3Server {
@@ -444,6 +446,23 @@ impl S3Server {
         let mut s = S3Server {
             port: free_port(),
             child: None,
+            env: Vec::new(),
+        };
+        s.launch();
+        s
+    }
+
+    /// moto with authentication enforced after its first `free_requests` requests: from
+    /// then on its IAM decides, so unknown access keys are rejected and a user without a
+    /// policy is denied.
+    pub fn start_with_auth(free_requests: u32) -> S3Server {
+        let mut s = S3Server {
+            port: free_port(),
+            child: None,
+            env: vec![(
+                "INITIAL_NO_AUTH_ACTION_COUNT".into(),
+                free_requests.to_string(),
+            )],
         };
         s.launch();
         s
@@ -457,6 +476,7 @@ impl S3Server {
     pub fn launch(&mut self) {
         let child = Command::new("moto_server")
             .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
+            .envs(self.env.iter().cloned())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -499,6 +519,16 @@ impl S3Server {
 
     pub fn create_bucket(&self, bucket: &str) {
         self.tool(&["create-bucket", bucket]);
+    }
+
+    /// Creates an IAM user without any policy (two requests); returns its access key
+    /// id and secret.
+    pub fn create_user(&self, user: &str) -> (String, String) {
+        let v = self.tool(&["create-user", user]);
+        (
+            v["accessKeyId"].as_str().unwrap().to_string(),
+            v["secretAccessKey"].as_str().unwrap().to_string(),
+        )
     }
 
     /// Every object of the bucket: (key, body).

@@ -1,6 +1,7 @@
 """A real S3 client (boto3) for the tests: creates buckets and reads them back.
 
 usage: s3tool.py ENDPOINT create-bucket BUCKET
+       s3tool.py ENDPOINT create-user USER -> {"accessKeyId":..,"secretAccessKey":..}
        s3tool.py ENDPOINT dump BUCKET      -> {"objects":[{"key":..,"size":..,"body":..}]}
 Bodies are returned as UTF-8 text (exported objects are JSON Lines or CSV)."""
 
@@ -35,6 +36,14 @@ def main():
                 body = s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
                 objects.append({"key": o["Key"], "size": o["Size"], "body": body.decode("utf-8")})
         print(json.dumps({"objects": objects}))
+    elif command == "create-user":
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
+                           aws_access_key_id="test-access-key",
+                           aws_secret_access_key="test-secret-key")
+        iam.create_user(UserName=bucket)
+        key = iam.create_access_key(UserName=bucket)["AccessKey"]
+        print(json.dumps({"accessKeyId": key["AccessKeyId"],
+                          "secretAccessKey": key["SecretAccessKey"]}))
     else:
         raise SystemExit(f"unknown command {command}")
 
