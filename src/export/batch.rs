@@ -101,6 +101,10 @@ pub fn object_names(def: &ExporterDef, boundary: u64, keys: u64, per_object: u64
     }
 }
 
+/// Room reserved per key in an object being rendered: a JSON Lines line of an
+/// AES-256-SIV keyset is about 350 bytes, a CSV row a little more.
+const BYTES_PER_KEY: usize = 400;
+
 /// What the renderer hands to the upload.
 enum Rendered {
     Object(Vec<u8>),
@@ -126,7 +130,10 @@ fn render_objects(
         // Holds one cleartext keyset at a time; zeroized when the thread ends.
         let mut keyset = Zeroizing::new(Vec::new());
         let mut render_one = |next: &mut u64| -> Result<Option<Vec<u8>>, ExportError> {
-            let mut object = ObjectWriter::new(format, (per_object as usize).min(1 << 16) * 384);
+            // Sized for the keys it will hold (a JSON Lines key is about 350 bytes), so
+            // that a large object is not copied while it grows.
+            let keys_here = per_object.min((intent.to_seq + 1).saturating_sub(*next));
+            let mut object = ObjectWriter::new(format, keys_here as usize * BYTES_PER_KEY);
             let mut n = 0;
             while n < per_object && *next <= intent.to_seq {
                 let want = (per_object - n).min(4096) as usize;
