@@ -124,7 +124,7 @@ fn render_objects(
 ) -> mpsc::Receiver<Result<Rendered, ExportError>> {
     let (tx, rx) = mpsc::channel(1);
     let work = move || {
-        lower_priority();
+        super::lower_priority();
         let per_object = intent.max_keys_per_object.max(1);
         let mut next = intent.from_seq;
         // Holds one cleartext keyset at a time; zeroized when the thread ends.
@@ -176,15 +176,6 @@ fn render_objects(
         return rx;
     }
     rx
-}
-
-/// Lowers the calling thread's CPU priority (nice 10), best effort: the thread keeps
-/// all the CPU it wants while the daemon is otherwise idle.
-fn lower_priority() {
-    // SAFETY: on Linux, setpriority with who = 0 changes only the calling thread.
-    unsafe {
-        libc::setpriority(libc::PRIO_PROCESS as _, 0, 10);
-    }
 }
 
 /// What `GET /v1/batch-exporters/{name}` shows besides the definition.

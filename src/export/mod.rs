@@ -4,6 +4,12 @@
 //! running tasks, and the rules that tie them to streams: an exporter needs its stream
 //! and its sink, so neither can be deleted while one uses it (409). Creation, deletion
 //! and the stream deletion that must check exporters are serialised by one admin lock.
+//!
+//! The exporter tasks run on a runtime of their own ([`ExportRuntime`]): one worker
+//! thread, and blocking threads for local writes, all at a lower CPU priority. An
+//! upload is CPU work too (an S3 upload hashes the whole object to sign it, a local one
+//! copies it into the page cache, both free tens of megabytes afterwards); on the API's
+//! workers it would hold up the key requests queued behind it.
 
 pub mod batch;
 pub mod sink;
@@ -99,6 +105,62 @@ pub enum NewSink {
     },
 }
 
+/// The runtime the exporter tasks run on, apart from the API's.
+pub struct ExportRuntime {
+    /// Taken at drop: a runtime may not be dropped in async context, so it is shut
+    /// down in the background.
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    handle: tokio::runtime::Handle,
+}
+
+impl ExportRuntime {
+    pub fn new() -> Result<ExportRuntime> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(4)
+            .thread_name("export")
+            .on_thread_start(lower_priority)
+            .enable_all()
+            .build()
+            .map_err(|e| ExportError::Internal(format!("cannot start the export runtime: {e}")))?;
+        let handle = runtime.handle().clone();
+        Ok(ExportRuntime {
+            runtime: Mutex::new(Some(runtime)),
+            handle,
+        })
+    }
+
+    fn spawn<F>(&self, task: F) -> JoinHandle<()>
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.handle.spawn(task)
+    }
+}
+
+impl Drop for ExportRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self
+            .runtime
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Lowers the calling thread's CPU priority (nice 10), best effort: the thread keeps
+/// all the CPU it wants while the daemon is otherwise idle, and yields it to the
+/// threads that answer requests when they need it.
+pub(crate) fn lower_priority() {
+    // SAFETY: on Linux, setpriority with who = 0 changes only the calling thread.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS as _, 0, 10);
+    }
+}
+
 /// A running exporter.
 struct Handle {
     def: ExporterDef,
@@ -120,6 +182,7 @@ pub struct Exporters {
     running: Mutex<HashMap<String, Handle>>,
     /// Tells every task to close its last batch and stop.
     stop: watch::Sender<bool>,
+    runtime: ExportRuntime,
 }
 
 /// `pathPrefix`: at most 900 characters, relative, no `.`/`..`/empty segment, no
@@ -172,6 +235,7 @@ impl Exporters {
             admin: tokio::sync::Mutex::new(()),
             running: Mutex::new(HashMap::new()),
             stop,
+            runtime: ExportRuntime::new()?,
         });
         if exporters
             .store
@@ -240,7 +304,9 @@ impl Exporters {
             max_keys_per_object: self.settings.max_keys_per_object,
             write_test_object,
         };
-        let task = tokio::spawn(runner.run(flush_rx, cancel_rx, self.stop.subscribe()));
+        let task = self
+            .runtime
+            .spawn(runner.run(flush_rx, cancel_rx, self.stop.subscribe()));
         self.running
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -277,7 +343,7 @@ impl Exporters {
                     status: Arc::new(Mutex::new(status)),
                     flush,
                     cancel,
-                    task: tokio::spawn(async {}),
+                    task: self.runtime.spawn(async {}),
                 },
             );
     }

@@ -299,13 +299,108 @@ pub async fn read_object(store: &dyn ObjectStore, name: &str) -> Result<Vec<u8>,
 pub struct Sink {
     pub name: String,
     location: String,
-    store: Arc<dyn ObjectStore>,
+    target: Arc<Target>,
+}
+
+/// Where a sink writes.
+enum Target {
+    S3(Arc<dyn ObjectStore>),
+    /// A directory. object_store names the files (so that its listing, which the owner's
+    /// tools use, reads them back), the daemon writes them: see [`write_durably`].
+    Local {
+        root: std::path::PathBuf,
+        files: LocalFileSystem,
+    },
+}
+
+/// How much of a local object is written before waiting for the disk to take it.
+const LOCAL_CHUNK_BYTES: usize = 1 << 20;
+
+/// Writes a local object so that it is on disk before the call returns (the exporter
+/// moves its cursor past the object's keys next; a power cut must not lose them):
+/// a staging file `<name>#<n>` (object_store's listing skips such names), written a
+/// chunk at a time with each chunk's writeback waited for, then fsync, rename into
+/// place, and fsync of the directories from the sink's root down.
+///
+/// Waiting chunk by chunk keeps little of the object dirty at any time. On ext4
+/// (data=ordered) every fsync of the database commits the journal, which first writes
+/// out the data blocks allocated since the last commit: with a whole 35 MB object dirty,
+/// the key requests waiting for their group commit waited for it too (p99 of key
+/// creation during a local export 16-29 ms against 2.5 ms idle, see BENCHMARKS.md).
+fn write_durably(
+    root: &std::path::Path,
+    path: &std::path::Path,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .ok_or_else(|| std::io::Error::other("an object path without a directory"))?;
+    std::fs::create_dir_all(dir)?;
+    let (mut file, staging) = (1u32..)
+        .map(|n| {
+            let mut name = path.as_os_str().to_owned();
+            name.push(format!("#{n}"));
+            std::path::PathBuf::from(name)
+        })
+        .find_map(|staging| {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&staging)
+            {
+                Ok(f) => Some(Ok((f, staging))),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => None,
+                Err(e) => Some(Err(e)),
+            }
+        })
+        .expect("an unbounded search finds a free name")?;
+    let written = (|| {
+        let mut offset = 0u64;
+        for chunk in bytes.chunks(LOCAL_CHUNK_BYTES) {
+            file.write_all(chunk)?;
+            wait_for_writeback(&file, offset, chunk.len() as u64)?;
+            offset += chunk.len() as u64;
+        }
+        file.sync_all()?;
+        std::fs::rename(&staging, path)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&staging);
+        return Err(e);
+    }
+    let mut synced = Some(dir);
+    while let Some(d) = synced {
+        std::fs::File::open(d)?.sync_all()?;
+        synced = d.parent().filter(|_| d != root && d.starts_with(root));
+    }
+    Ok(())
+}
+
+/// Writes out the pages of `file` in `offset..offset + len` and waits for them.
+#[cfg(target_os = "linux")]
+fn wait_for_writeback(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: a valid open descriptor and a range within the file.
+    let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), offset as i64, len as i64, flags) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn wait_for_writeback(file: &std::fs::File, _offset: u64, _len: u64) -> std::io::Result<()> {
+    file.sync_data()
 }
 
 impl Sink {
     /// Builds the client of a stored sink.
     pub fn open(record: &SinkRecord, master: &MasterKey) -> Result<Sink, SinkError> {
-        let store: Arc<dyn ObjectStore> = match (&record.bucket, &record.local) {
+        let target = match (&record.bucket, &record.local) {
             (Some(b), _) => {
                 let credentials = match &record.wrapped_credentials {
                     None => None,
@@ -327,8 +422,10 @@ impl Sink {
                         })
                     }
                 };
-                s3_client(b, credentials.as_ref())
-                    .map_err(|e| SinkError::Invalid(format!("sink '{}': {e}", record.name)))?
+                Target::S3(
+                    s3_client(b, credentials.as_ref())
+                        .map_err(|e| SinkError::Invalid(format!("sink '{}': {e}", record.name)))?,
+                )
             }
             (_, Some(l)) => {
                 std::fs::create_dir_all(&l.path).map_err(|e| {
@@ -337,28 +434,51 @@ impl Sink {
                         record.name, l.path
                     ))
                 })?;
-                Arc::new(LocalFileSystem::new_with_prefix(&l.path).map_err(|e| {
+                let files = LocalFileSystem::new_with_prefix(&l.path).map_err(|e| {
                     SinkError::Write(format!("sink '{}': {}: {e}", record.name, l.path))
-                })?)
+                })?;
+                // object_store resolves the directory through symlinks; so does the
+                // walk that syncs directories up to it.
+                let root = std::fs::canonicalize(&l.path).map_err(|e| {
+                    SinkError::Write(format!("sink '{}': {}: {e}", record.name, l.path))
+                })?;
+                Target::Local { root, files }
             }
             _ => return Err(SinkError::Invalid("sink without bucket or path".into())),
         };
         Ok(Sink {
             name: record.name.clone(),
             location: record.location(),
-            store,
+            target: Arc::new(target),
         })
     }
 
-    /// Writes one object (atomically: S3 PUT, or a rename into place on disk).
+    /// Writes one object (atomically: S3 PUT, or a rename into place on disk after the
+    /// file and its directory were synced).
     pub async fn put(&self, path: &str, bytes: Vec<u8>) -> Result<(), SinkError> {
         let location = ObjectPath::parse(path)
             .map_err(|e| SinkError::Invalid(format!("object name '{path}': {e}")))?;
-        self.store
-            .put(&location, PutPayload::from(bytes))
-            .await
-            .map(|_| ())
-            .map_err(|e| SinkError::Write(self.explain(path, &e)))
+        let result = match &*self.target {
+            Target::S3(store) => store
+                .put(&location, PutPayload::from(bytes))
+                .await
+                .map(|_| ()),
+            Target::Local { root, files } => {
+                let file = files
+                    .path_to_filesystem(&location)
+                    .map_err(|e| SinkError::Write(self.explain(path, &e)))?;
+                let root = root.clone();
+                tokio::task::spawn_blocking(move || write_durably(&root, &file, &bytes))
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+                    .and_then(|r| r)
+                    .map_err(|e| object_store::Error::Generic {
+                        store: "LocalFileSystem",
+                        source: Box::new(e),
+                    })
+            }
+        };
+        result.map_err(|e| SinkError::Write(self.explain(path, &e)))
     }
 
     /// Writes the empty `<prefix>/.strm_test_<uuid>.jsonl` that proves the sink takes
