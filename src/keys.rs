@@ -701,7 +701,7 @@ impl Keys {
     /// Keys not purged yet: per key stream, the entries from the purge cursor on.
     pub fn live_keys(&self) -> Result<u64> {
         let mut live = 0;
-        for ksid in self.maintained_key_streams() {
+        for (ksid, _) in self.maintained_key_streams() {
             let next = self.store.last_seq(ksid)?.map_or(0, |s| s + 1);
             live += next.saturating_sub(self.purge_cursor(ksid)?);
         }
@@ -781,16 +781,18 @@ impl Keys {
 
     // --- janitor --------------------------------------------------------------------
 
-    /// The key streams the janitor looks after: each stream's and its restored keys'.
-    fn maintained_key_streams(&self) -> Vec<Uuid> {
+    /// The key streams the janitor looks after: each stream's, with its rotation (ms)
+    /// for the current-key pointers, and its restored keys' (which have no pointers).
+    fn maintained_key_streams(&self) -> Vec<(Uuid, Option<u64>)> {
         self.streams
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .values()
             .flat_map(|s| {
+                let rotation = Seconds(s.record.key_rotation_secs).as_millis();
                 [
-                    s.record.key_stream_id,
-                    restored_key_stream_id(s.record.key_stream_id),
+                    (s.record.key_stream_id, Some(rotation)),
+                    (restored_key_stream_id(s.record.key_stream_id), None),
                 ]
             })
             .collect()
@@ -799,7 +801,8 @@ impl Keys {
     /// Purges the expired keys of one key stream: walks it from its purge cursor (the
     /// key stream is in expiry order) and drops each expired key's current-key pointer,
     /// stopping at the first key that has not expired. The cursor is kept in `meta`.
-    fn purge_key_stream(&self, ksid: Uuid, now: u64) -> Result<u64> {
+    /// `rotation` (ms) is the stream's, None for restored keys (no pointers to drop).
+    fn purge_key_stream(&self, ksid: Uuid, rotation: Option<u64>, now: u64) -> Result<u64> {
         const CHUNK: usize = 4096;
         let start = self.purge_cursor(ksid)?;
         let mut cursor = start;
@@ -810,7 +813,10 @@ impl Keys {
                 if e.expires_at > now {
                     break 'walk;
                 }
-                self.store.drop_pointer(e, ksid)?;
+                if let Some(rotation) = rotation {
+                    self.store
+                        .drop_pointer(e, ksid, e.created_at.saturating_add(rotation))?;
+                }
                 cursor = e.seq + 1;
                 purged += 1;
             }
@@ -838,8 +844,8 @@ impl Keys {
         const BATCH: usize = 10_000;
         let now = now_millis();
         let cutoff = now.saturating_sub(self.settings.stream_retention.as_millis());
-        for ksid in self.maintained_key_streams() {
-            let purged = self.purge_key_stream(ksid, now)?;
+        for (ksid, rotation) in self.maintained_key_streams() {
+            let purged = self.purge_key_stream(ksid, rotation, now)?;
             self.counters.purged.fetch_add(purged, Ordering::Relaxed);
             loop {
                 let n = self.store.trim_log(ksid, cutoff, now, BATCH)?;

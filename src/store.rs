@@ -695,17 +695,32 @@ impl Store {
 
     /// Drops the current-key pointer of an expired key, if it still points to it (a
     /// rotation that replaced it meanwhile must not be undone). True when it did.
-    pub fn drop_pointer(&self, e: &LogEntry, ksid: Uuid) -> Result<bool> {
+    ///
+    /// The pointer a key was handed out with is known from its key stream entry and its
+    /// rotation time, so one compare-and-swap does it (the purge's hot path); a pointer
+    /// to the same key in another form is dropped with a second one.
+    pub fn drop_pointer(&self, e: &LogEntry, ksid: Uuid, rotates_at: u64) -> Result<bool> {
         let ckey = current_key(ksid, &e.field_hash);
-        if let Some(old) = self.current.get(&ckey)?
-            && CurrentKey::decode(&old)?.key_link == e.key_link
-        {
-            return Ok(self
-                .current
-                .compare_and_swap(&ckey, Some(old), None as Option<&[u8]>)?
-                .is_ok());
+        let expected = CurrentKey {
+            key_link: e.key_link,
+            seq: e.seq,
+            created_at: e.created_at,
+            rotates_at,
         }
-        Ok(false)
+        .encode();
+        match self
+            .current
+            .compare_and_swap(&ckey, Some(expected), None as Option<&[u8]>)?
+        {
+            Ok(()) => Ok(true),
+            Err(found) => match found.current {
+                Some(other) if CurrentKey::decode(&other)?.key_link == e.key_link => Ok(self
+                    .current
+                    .compare_and_swap(&ckey, Some(other), None as Option<&[u8]>)?
+                    .is_ok()),
+                _ => Ok(false),
+            },
+        }
     }
 
     /// Trims the head of a key stream: removes entries created before `cutoff` whose
@@ -892,10 +907,14 @@ mod tests {
         let a = new_key(&store, ksid, 0, 1, 100, 150);
         let _b = new_key(&store, ksid, 1, 2, 120, 300);
         let ea = store.log_entry(ksid, 0).unwrap().unwrap();
-        assert!(store.drop_pointer(&ea, ksid).unwrap());
+        assert!(store.drop_pointer(&ea, ksid, 110).unwrap());
         assert!(store.current(ksid, &[1; 32]).unwrap().is_none());
-        assert!(!store.drop_pointer(&ea, ksid).unwrap(), "already gone");
+        assert!(!store.drop_pointer(&ea, ksid, 110).unwrap(), "already gone");
         assert!(store.current(ksid, &[2; 32]).unwrap().is_some());
+        // A pointer to the same key that does not look as expected is dropped too.
+        let eb = store.log_entry(ksid, 1).unwrap().unwrap();
+        assert!(store.drop_pointer(&eb, ksid, 999).unwrap());
+        assert!(store.current(ksid, &[2; 32]).unwrap().is_none());
         // b has not expired at 200: trimming stops there even though it is old.
         assert_eq!(store.trim_log(ksid, 1000, 200, 100).unwrap(), 1);
         assert!(store.key(a).unwrap().is_none());
@@ -910,7 +929,7 @@ mod tests {
         new_key(&store, ksid, 0, 1, 100, 150);
         let new = new_key(&store, ksid, 1, 1, 140, 400);
         let old_entry = store.log_entry(ksid, 0).unwrap().unwrap();
-        assert!(!store.drop_pointer(&old_entry, ksid).unwrap());
+        assert!(!store.drop_pointer(&old_entry, ksid, 110).unwrap());
         assert_eq!(
             store.current(ksid, &[1; 32]).unwrap().unwrap().key_link,
             new
