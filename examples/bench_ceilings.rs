@@ -97,10 +97,12 @@ async fn main() {
         ),
         Some("put") => {
             let store: Arc<dyn ObjectStore> = match args[2].as_str() {
-                "local" => {
+                "local" | "local-fsync" => {
                     std::fs::create_dir_all(&args[3]).unwrap();
                     Arc::new(
-                        object_store::local::LocalFileSystem::new_with_prefix(&args[3]).unwrap(),
+                        object_store::local::LocalFileSystem::new_with_prefix(&args[3])
+                            .unwrap()
+                            .with_fsync(args[2] == "local-fsync"),
                     )
                 }
                 "s3" => Arc::new(
