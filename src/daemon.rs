@@ -337,13 +337,17 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         auth.clone(),
         shutdown_tx.clone(),
     ));
-    let janitor = tokio::spawn(run_janitor(
-        keys.clone(),
-        Duration::from_secs(config.keys.purge_interval.0),
-        shutdown_rx.clone(),
-        shutdown_tx.clone(),
-        fatal.clone(),
-    ));
+    let janitor = {
+        let (keys, every) = (
+            keys.clone(),
+            Duration::from_secs(config.keys.purge_interval.0),
+        );
+        let (shutdown, stop, fatal) = (shutdown_rx.clone(), shutdown_tx.clone(), fatal.clone());
+        std::thread::Builder::new()
+            .name("janitor".into())
+            .spawn(move || run_janitor(keys, every, shutdown, stop, fatal))
+            .map_err(|e| startup(format!("cannot start the janitor thread: {e}")))?
+    };
 
     let state = Arc::new(ApiState {
         keys: keys.clone(),
@@ -357,7 +361,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     // Every answered key is on disk now; the exporters close their last batches.
     exporters.shutdown(drain).await;
 
-    let _ = janitor.await;
+    let _ = tokio::task::spawn_blocking(move || janitor.join()).await;
     signals.abort();
     if let Some(reason) = fatal.lock().unwrap_or_else(|e| e.into_inner()).take() {
         return Err(startup(reason));
@@ -438,28 +442,25 @@ async fn handle_signals(
     }
 }
 
-/// Purges expired keys and trims key streams every `every`, off the async workers, and
-/// watches the store: after an I/O error sled refuses every write for good, so the
-/// daemon stops with an error (systemd restarts it and sled recovers from its log).
-async fn run_janitor(
+/// Purges expired keys and trims key streams every `every`, on a thread of its own at a
+/// lower CPU priority (a million keys expiring at once are seconds of work, which must
+/// not be taken from the threads that answer requests), and watches the store: after an
+/// I/O error sled refuses every write for good, so the daemon stops with an error
+/// (systemd restarts it and sled recovers from its log).
+fn run_janitor(
     keys: Arc<Keys>,
     every: Duration,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     stop: Arc<watch::Sender<bool>>,
     fatal: Arc<std::sync::Mutex<Option<String>>>,
 ) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    crate::export::lower_priority();
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.wait_for(|s| *s) => return,
-        }
-        let k = keys.clone();
-        match tokio::task::spawn_blocking(move || k.maintain()).await {
+        let round = std::time::Instant::now();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| keys.maintain())) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => log::warn!("key maintenance failed, will retry: {e}"),
-            Err(e) => log::error!("key maintenance panicked: {e}"),
+            Err(_) => log::error!("key maintenance panicked; it runs again next round"),
         }
         if let Some(failure) = keys.store_failure() {
             let reason = format!(
@@ -469,6 +470,16 @@ async fn run_janitor(
             log::error!("{reason}");
             *fatal.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
             let _ = stop.send(true);
+            return;
+        }
+        // Wait for the next round, looking at the shutdown signal every 50 ms.
+        while round.elapsed() < every {
+            if *shutdown.borrow() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50).min(every));
+        }
+        if *shutdown.borrow() {
             return;
         }
     }
