@@ -77,6 +77,9 @@ async fn main() {
     let args = Arc::new(parse_args());
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.connections)
+        // Below the daemon's 30 s for an idle connection, so that the pool never sends
+        // a request on a connection the daemon is closing.
+        .pool_idle_timeout(Duration::from_secs(20))
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
@@ -91,6 +94,8 @@ async fn main() {
     });
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
+    // The first few failures, as said by the client or the daemon (the summary shows them).
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
     let latencies = Arc::new(Mutex::new(Vec::<u32>::new()));
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -106,6 +111,7 @@ async fn main() {
             latencies.clone(),
             next.clone(),
         );
+        let failures = failures.clone();
         workers.push(tokio::spawn(async move {
             let url = format!("{}/v1/streams/{}/keys", args.base, args.stream);
             loop {
@@ -132,12 +138,27 @@ async fn main() {
                     Ok(r) if r.status() == 200 => r
                         .json::<serde_json::Value>()
                         .await
-                        .ok()
-                        .and_then(|v| v["keyLink"].as_str().map(String::from)),
-                    _ => None,
+                        .map_err(|e| format!("reading the answer: {e}"))
+                        .and_then(|v| {
+                            v["keyLink"]
+                                .as_str()
+                                .map(String::from)
+                                .ok_or_else(|| format!("no keyLink in {v}"))
+                        }),
+                    Ok(r) => Err(format!(
+                        "{}: {}",
+                        r.status(),
+                        r.text().await.unwrap_or_default()
+                    )),
+                    Err(e) => Err(format!("{e:?}")),
                 };
-                match link {
-                    Some(link) => {
+                match link.map_err(|e| {
+                    let mut f = failures.lock().unwrap();
+                    if f.len() < 5 {
+                        f.push(format!("request {n}: {e}"));
+                    }
+                }) {
+                    Ok(link) => {
                         ok.fetch_add(1, Ordering::Relaxed);
                         latencies
                             .lock()
@@ -149,7 +170,7 @@ async fn main() {
                             let _ = f.flush();
                         }
                     }
-                    None => {
+                    Err(()) => {
                         failed.fetch_add(1, Ordering::Relaxed);
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
@@ -181,6 +202,7 @@ async fn main() {
             "p50Ms": pct(0.50),
             "p99Ms": pct(0.99),
             "maxMs": pct(1.0),
+            "failures": *failures.lock().unwrap(),
         })
     );
 }

@@ -169,7 +169,7 @@ def main():
     h.report(result, a.out)
     problems = []
     if summary["failed"]:
-        problems.append(f"{summary['failed']} failed requests")
+        problems.append(f"{summary['failed']} failed requests: {summary.get('failures')}")
     if any(errors.values()):
         problems.append(f"upload failures {errors}")
     if any(pending.values()):
