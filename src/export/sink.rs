@@ -548,6 +548,31 @@ fn scrub(text: &str) -> String {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn local_objects_are_written_whole_under_their_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("exports");
+        let record = SinkRecord::new_local("l", root.to_str().unwrap(), 1).unwrap();
+        let sink = Sink::open(&record, &MasterKey::generate().unwrap()).unwrap();
+        // Larger than one chunk, in a new directory two levels down.
+        let body: Vec<u8> = (0..LOCAL_CHUNK_BYTES * 2 + 17).map(|i| i as u8).collect();
+        let name = "p/q/2026-12-04T00:00:00-keys-x---0.jsonl";
+        sink.put(name, body.clone()).await.unwrap();
+        assert_eq!(std::fs::read(root.join(name)).unwrap(), body);
+        // A staging file left by a crash is not an object to readers.
+        std::fs::write(root.join("p/q/left.jsonl#1"), b"half").unwrap();
+        let files = LocalFileSystem::new_with_prefix(&root).unwrap();
+        assert_eq!(list_objects(&files, "p").await.unwrap(), vec![name]);
+        // Writing the same name again replaces it (a retried batch).
+        sink.put(name, b"again".to_vec()).await.unwrap();
+        assert_eq!(std::fs::read(root.join(name)).unwrap(), b"again");
+        // A file where a directory should be: the write fails with a message.
+        std::fs::write(root.join("blocked"), b"").unwrap();
+        let err = sink.put("blocked/x.jsonl", vec![1]).await.unwrap_err();
+        assert!(err.to_string().contains("cannot write"), "{err}");
+        assert!(!root.join("blocked/x.jsonl#1").exists());
+    }
+
     #[test]
     fn validation_and_view_hide_credentials() {
         let mk = MasterKey::generate().unwrap();
