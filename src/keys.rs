@@ -977,6 +977,62 @@ mod tests {
         assert!(keys.key_info(b.key_link).is_ok());
     }
 
+    /// Thousands of keys expiring together (more than one chunk of the walk): every
+    /// expired key's pointer goes, a pointer that a rotation replaced stays.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn purge_of_many_keys_drops_only_expired_pointers() {
+        const N: usize = 5000;
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Arc::new(open(dir.path(), Arc::new(MasterKey::generate().unwrap())).unwrap());
+        keys.create_stream("s", Some(Seconds(1))).await.unwrap();
+        let create = |fields: std::ops::Range<usize>| {
+            let tasks: Vec<_> = fields
+                .map(|i| {
+                    let keys = keys.clone();
+                    tokio::spawn(async move { keys.get_or_create("s", &format!("f-{i}")).await })
+                })
+                .collect();
+            async move {
+                let mut out = Vec::new();
+                for t in tasks {
+                    out.push(t.await.unwrap().unwrap());
+                }
+                out
+            }
+        };
+        let first = create(0..N).await;
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        // Rotated: ten fields get a new key, whose pointer replaces the old one.
+        let rotated = create(0..10).await;
+        // The first keys expire a second after they rotate.
+        tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+        let start = keys.counters.purged.load(Ordering::Relaxed);
+        let stream = keys.stream("s").unwrap();
+        let ksid = stream.record.key_stream_id;
+        assert!(first.iter().all(|k| k.rotates_at + 1000 <= now_millis()));
+        keys.maintain().unwrap();
+        assert_eq!(
+            keys.counters.purged.load(Ordering::Relaxed) - start,
+            N as u64
+        );
+        for (i, k) in first.iter().enumerate() {
+            let hash = keys.field_hash(ksid, &format!("f-{i}"));
+            let pointer = keys.store.current(ksid, &hash).unwrap();
+            if i < 10 {
+                assert_eq!(pointer.unwrap().key_link, rotated[i].key_link, "kept: {i}");
+                assert_ne!(rotated[i].key_link, k.key_link);
+            } else {
+                assert!(pointer.is_none(), "pointer of expired key {i} dropped");
+            }
+        }
+        // The cursor moved past them: the next round has nothing to purge.
+        keys.maintain().unwrap();
+        assert_eq!(
+            keys.counters.purged.load(Ordering::Relaxed) - start,
+            N as u64
+        );
+    }
+
     #[tokio::test]
     async fn stream_rules() {
         let dir = tempfile::tempdir().unwrap();
