@@ -378,6 +378,9 @@ async fn bad_requests_get_their_status_and_change_nothing() {
         )
         .await;
     m.expect_error(413);
+    // The body was left unread, so the connection closes, and the answer says so: the
+    // next request (below) goes out on a new one instead of failing on this one.
+    assert!(m.closes, "413 without Connection: close");
     // 16: not JSON content.
     let m = d
         .call_raw(
@@ -388,6 +391,10 @@ async fn bad_requests_get_their_status_and_change_nothing() {
         )
         .await;
     m.expect_error(415);
+    assert!(m.closes, "415 without Connection: close");
+    // A request whose body was read keeps its connection.
+    let m = d.call("GET", "/v1/streams", None).await;
+    assert!(m.status == 200 && !m.closes, "{}", m.body);
     // 17: values that are not strings; empty keyField; mixed single and batch shapes.
     let m = d
         .call(

@@ -268,6 +268,16 @@ fn is_json(req: &Request<Incoming>) -> bool {
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
 }
 
+/// True when the request says a body follows.
+fn has_body<B>(req: &Request<B>) -> bool {
+    let headers = req.headers();
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() != "0")
+}
+
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
@@ -283,9 +293,7 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
     if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
         return Err(too_large());
     }
-    let has_body =
-        declared.is_some_and(|n| n > 0) || req.headers().contains_key(header::TRANSFER_ENCODING);
-    if has_body && !is_json(&req) {
+    if has_body(&req) && !is_json(&req) {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "the request body must be JSON: send 'Content-Type: application/json' (curl --json)",
@@ -316,6 +324,9 @@ async fn handle(
         .ok()
         .map(|m| (*m.value, m.params.iter().next().map(|(_, v)| v.to_string())));
     let pattern = matched.as_ref().map_or("unmatched", |((_, p), _)| *p);
+    // Set once the body has been read: an answer given before (an error) leaves it on
+    // the connection, which hyper then closes.
+    let mut unread_body = has_body(&req);
     let result: Reply = async {
         let Some(((route, _), param)) = matched else {
             return Err(ApiError::not_found(format!("no route {path}")));
@@ -336,6 +347,7 @@ async fn handle(
             }
         };
         let body = read_body(req).await?;
+        unread_body = false;
         let ctx = Ctx {
             state,
             method: method.clone(),
@@ -346,7 +358,7 @@ async fn handle(
         dispatch(route, ctx).await
     }
     .await;
-    let response = match result {
+    let mut response = match result {
         Ok((status, body)) => {
             log::debug!("{method} {path} -> {}", status.as_u16());
             respond(status, body)
@@ -356,6 +368,14 @@ async fn handle(
             respond(e.status, Body::Json(e.body()))
         }
     };
+    if unread_body {
+        // Say so: a client would otherwise send its next request on a connection that
+        // is closing, and see it fail without an answer.
+        response.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+    }
     state.metrics.observe(
         pattern,
         method.as_str(),

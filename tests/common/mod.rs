@@ -45,6 +45,8 @@ pub struct Daemon {
 pub struct Answer {
     pub status: u16,
     pub body: Value,
+    /// The answer said `Connection: close`.
+    pub closes: bool,
 }
 
 impl Answer {
@@ -355,10 +357,18 @@ impl Daemon {
 impl Answer {
     async fn from(resp: reqwest::Response) -> Answer {
         let status = resp.status().as_u16();
+        let closes = resp
+            .headers()
+            .get(reqwest::header::CONNECTION)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
         let text = resp.text().await.unwrap();
         let body = serde_json::from_str(&text)
             .unwrap_or_else(|_| panic!("status {status}: body is not JSON: {text:?}"));
-        Answer { status, body }
+        Answer {
+            status,
+            body,
+            closes,
+        }
     }
 }
 
