@@ -343,9 +343,10 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
             Duration::from_secs(config.keys.purge_interval.0),
         );
         let (shutdown, stop, fatal) = (shutdown_rx.clone(), shutdown_tx.clone(), fatal.clone());
+        let runtime = tokio::runtime::Handle::current();
         std::thread::Builder::new()
             .name("janitor".into())
-            .spawn(move || run_janitor(keys, every, shutdown, stop, fatal))
+            .spawn(move || run_janitor(runtime, keys, every, shutdown, stop, fatal))
             .map_err(|e| startup(format!("cannot start the janitor thread: {e}")))?
     };
 
@@ -446,11 +447,13 @@ async fn handle_signals(
 /// lower CPU priority (a million keys expiring at once are seconds of work, which must
 /// not be taken from the threads that answer requests), and watches the store: after an
 /// I/O error sled refuses every write for good, so the daemon stops with an error
-/// (systemd restarts it and sled recovers from its log).
+/// (systemd restarts it and sled recovers from its log). `runtime` serves only to wait
+/// for the next round or the shutdown signal, whichever comes first.
 fn run_janitor(
+    runtime: tokio::runtime::Handle,
     keys: Arc<Keys>,
     every: Duration,
-    shutdown: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
     stop: Arc<watch::Sender<bool>>,
     fatal: Arc<std::sync::Mutex<Option<String>>>,
 ) {
@@ -472,14 +475,13 @@ fn run_janitor(
             let _ = stop.send(true);
             return;
         }
-        // Wait for the next round, looking at the shutdown signal every 50 ms.
-        while round.elapsed() < every {
-            if *shutdown.borrow() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50).min(every));
-        }
-        if *shutdown.borrow() {
+        let until_next_round = every.saturating_sub(round.elapsed());
+        let stopping = runtime.block_on(async {
+            tokio::time::timeout(until_next_round, shutdown.wait_for(|s| *s))
+                .await
+                .is_ok()
+        });
+        if stopping {
             return;
         }
     }
