@@ -152,12 +152,7 @@ async fn main() {
                     )),
                     Err(e) => Err(format!("{e:?}")),
                 };
-                match link.map_err(|e| {
-                    let mut f = failures.lock().unwrap();
-                    if f.len() < 5 {
-                        f.push(format!("request {n}: {e}"));
-                    }
-                }) {
+                match link {
                     Ok(link) => {
                         ok.fetch_add(1, Ordering::Relaxed);
                         latencies
@@ -170,7 +165,12 @@ async fn main() {
                             let _ = f.flush();
                         }
                     }
-                    Err(()) => {
+                    Err(e) => {
+                        if let Ok(mut f) = failures.lock()
+                            && f.len() < 5
+                        {
+                            f.push(format!("request {n}: {e}"));
+                        }
                         failed.fetch_add(1, Ordering::Relaxed);
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }

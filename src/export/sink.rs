@@ -570,7 +570,20 @@ mod tests {
         std::fs::write(root.join("blocked"), b"").unwrap();
         let err = sink.put("blocked/x.jsonl", vec![1]).await.unwrap_err();
         assert!(err.to_string().contains("cannot write"), "{err}");
-        assert!(!root.join("blocked/x.jsonl#1").exists());
+        // The writes that succeeded left no staging file: only the one planted above.
+        let mut staged = Vec::new();
+        let mut dirs = vec![root.clone()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.to_string_lossy().contains('#') {
+                    staged.push(path);
+                }
+            }
+        }
+        assert_eq!(staged, vec![root.join("p/q/left.jsonl#1")]);
     }
 
     #[test]
