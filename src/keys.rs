@@ -9,6 +9,8 @@
 //! - *One key per `keyField` and rotation period.* Creation re-checks the current-key
 //!   pointer under a stripe lock chosen by the keyed hash, so 200 simultaneous requests
 //!   for a new `keyField` write one key. Key material is generated outside the lock.
+//!   A pointer lives in its rotation period's table until every key of that period has
+//!   rotated, so it outlives its key's rotation by at most one rotation period.
 //!
 //! A stream's key stream is appended under that stream's `next_seq` lock, so entries
 //! appear in sequence order and a reader that sees entry N has seen every entry before.
@@ -395,7 +397,7 @@ impl Keys {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner());
                 let now = now_millis();
-                if let Some(cur) = self.store.current(ksid, &hash)?
+                if let Some(cur) = self.store.current(ksid, &hash, now)?
                     && cur.rotates_at > now
                 {
                     let wait = pending.get(&(ksid, hash)).map(|t| (stripe, hash, *t));
@@ -701,7 +703,7 @@ impl Keys {
     /// Keys not purged yet: per key stream, the entries from the purge cursor on.
     pub fn live_keys(&self) -> Result<u64> {
         let mut live = 0;
-        for (ksid, _) in self.maintained_key_streams() {
+        for ksid in self.maintained_key_streams() {
             let next = self.store.last_seq(ksid)?.map_or(0, |s| s + 1);
             live += next.saturating_sub(self.purge_cursor(ksid)?);
         }
@@ -781,44 +783,36 @@ impl Keys {
 
     // --- janitor --------------------------------------------------------------------
 
-    /// The key streams the janitor looks after: each stream's, with its rotation (ms)
-    /// for the current-key pointers, and its restored keys' (which have no pointers).
-    fn maintained_key_streams(&self) -> Vec<(Uuid, Option<u64>)> {
+    /// The key streams the janitor looks after: each stream's and its restored keys'.
+    fn maintained_key_streams(&self) -> Vec<Uuid> {
         self.streams
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .values()
             .flat_map(|s| {
-                let rotation = Seconds(s.record.key_rotation_secs).as_millis();
-                [
-                    (s.record.key_stream_id, Some(rotation)),
-                    (restored_key_stream_id(s.record.key_stream_id), None),
-                ]
+                let ksid = s.record.key_stream_id;
+                [ksid, restored_key_stream_id(ksid)]
             })
             .collect()
     }
 
     /// Purges the expired keys of one key stream: walks it from its purge cursor (the
-    /// key stream is in expiry order) and drops each expired key's current-key pointer,
-    /// stopping at the first key that has not expired. The cursor is kept in `meta`.
-    /// `rotation` (ms) is the stream's, None for restored keys (no pointers to drop).
-    fn purge_key_stream(&self, ksid: Uuid, rotation: Option<u64>, now: u64) -> Result<u64> {
+    /// key stream is in expiry order), stopping at the first key that has not expired.
+    /// The cursor is kept in `meta`. An expired key is refused by its record's expiry
+    /// already; the purge counts it and moves past it, its current-key pointer leaves
+    /// with its rotation period ([`Store::drop_rotated_periods`]) and its key stream
+    /// entry at retention.
+    fn purge_key_stream(&self, ksid: Uuid, now: u64) -> Result<u64> {
         const CHUNK: usize = 4096;
         let start = self.purge_cursor(ksid)?;
         let mut cursor = start;
-        let mut purged = 0;
         'walk: loop {
             let entries = self.store.log_range(ksid, cursor, u64::MAX, CHUNK)?;
             for e in &entries {
                 if e.expires_at > now {
                     break 'walk;
                 }
-                if let Some(rotation) = rotation {
-                    self.store
-                        .drop_pointer(e, ksid, e.created_at.saturating_add(rotation))?;
-                }
                 cursor = e.seq + 1;
-                purged += 1;
             }
             if entries.len() < CHUNK {
                 break;
@@ -835,17 +829,35 @@ impl Keys {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(ksid, cursor);
         }
-        Ok(purged)
+        Ok(cursor - start)
     }
 
-    /// One round of maintenance: purge expired keys, trim key streams past retention,
-    /// and remove the data of deleted streams. Blocking; run it off the async workers.
+    /// Rotation periods whose current-key pointer trees are held, per stream name.
+    pub fn current_key_tables(&self) -> HashMap<String, usize> {
+        let streams = self.streams.read().unwrap_or_else(|e| e.into_inner());
+        let mut out: HashMap<String, usize> =
+            streams.keys().map(|name| (name.clone(), 0)).collect();
+        for p in self.store.periods() {
+            if let Some(s) = streams
+                .values()
+                .find(|s| s.record.key_stream_id == p.key_stream_id)
+            {
+                *out.entry(s.record.name.clone()).or_default() += 1;
+            }
+        }
+        out
+    }
+
+    /// One round of maintenance: drop the current-key pointers of rotated periods, purge
+    /// expired keys, trim key streams past retention, and remove the data of deleted
+    /// streams. Blocking; run it off the async workers.
     pub fn maintain(&self) -> Result<()> {
         const BATCH: usize = 10_000;
         let now = now_millis();
         let cutoff = now.saturating_sub(self.settings.stream_retention.as_millis());
-        for (ksid, rotation) in self.maintained_key_streams() {
-            let purged = self.purge_key_stream(ksid, rotation, now)?;
+        self.store.drop_rotated_periods(now)?;
+        for ksid in self.maintained_key_streams() {
+            let purged = self.purge_key_stream(ksid, now)?;
             self.counters.purged.fetch_add(purged, Ordering::Relaxed);
             loop {
                 let n = self.store.trim_log(ksid, cutoff, now, BATCH)?;
@@ -978,9 +990,10 @@ mod tests {
     }
 
     /// Thousands of keys expiring together (more than one chunk of the walk): every
-    /// expired key's pointer goes, a pointer that a rotation replaced stays.
+    /// expired key is purged, the pointer tables of their rotation periods go, and the
+    /// pointers a rotation replaced stay.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn purge_of_many_keys_drops_only_expired_pointers() {
+    async fn purge_of_many_keys_drops_rotated_pointer_tables() {
         const N: usize = 5000;
         let dir = tempfile::tempdir().unwrap();
         let keys = Arc::new(open(dir.path(), Arc::new(MasterKey::generate().unwrap())).unwrap());
@@ -1002,7 +1015,7 @@ mod tests {
         };
         let first = create(0..N).await;
         tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-        // Rotated: ten fields get a new key, whose pointer replaces the old one.
+        // Rotated: ten fields get a new key, in a later period.
         let rotated = create(0..10).await;
         // The first keys expire a second after they rotate.
         tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
@@ -1010,14 +1023,23 @@ mod tests {
         let stream = keys.stream("s").unwrap();
         let ksid = stream.record.key_stream_id;
         assert!(first.iter().all(|k| k.rotates_at + 1000 <= now_millis()));
+        assert!(keys.current_key_tables()["s"] >= 2);
         keys.maintain().unwrap();
+        let now = now_millis();
         assert_eq!(
             keys.counters.purged.load(Ordering::Relaxed) - start,
             N as u64
         );
+        // Only the rotated keys' period is left.
+        assert!(
+            keys.store.periods().iter().all(|p| p.rotated_by() > now
+                && p.start >= first.iter().map(|k| k.created_at).max().unwrap()),
+            "{:?}",
+            keys.store.periods()
+        );
         for (i, k) in first.iter().enumerate() {
             let hash = keys.field_hash(ksid, &format!("f-{i}"));
-            let pointer = keys.store.current(ksid, &hash).unwrap();
+            let pointer = keys.store.current(ksid, &hash, now).unwrap();
             if i < 10 {
                 assert_eq!(pointer.unwrap().key_link, rotated[i].key_link, "kept: {i}");
                 assert_ne!(rotated[i].key_link, k.key_link);
@@ -1031,6 +1053,9 @@ mod tests {
             keys.counters.purged.load(Ordering::Relaxed) - start,
             N as u64
         );
+        // A field whose pointer went gets a new key.
+        let again = keys.get_or_create("s", "f-20").await.unwrap();
+        assert_ne!(again.key_link, first[20].key_link);
     }
 
     #[tokio::test]

@@ -60,6 +60,8 @@ async fn metrics_follow_keys_exporters_and_requests() {
         sample(&m, "keyexportd_key_stream_length{stream=\"s\"}"),
         Some(5.0)
     );
+    let tables = sample(&m, "keyexportd_current_key_tables{stream=\"s\"}").unwrap();
+    assert!((1.0..=2.0).contains(&tables), "{tables} pointer tables");
     assert_eq!(
         sample(&m, "keyexportd_exporter_pending_keys{exporter=\"e\"}"),
         Some(5.0)
@@ -101,10 +103,13 @@ async fn metrics_follow_keys_exporters_and_requests() {
         .unwrap()
             < 5.0
     );
-    // The keys rotate after 1 s and are purged 1 s later.
+    // The keys rotate after 1 s and are purged 1 s later; their rotation period's
+    // pointer table goes once they have all rotated.
     let m = eventually(15, "the purge", || async {
         let m = metrics(&d).await;
-        (sample(&m, "keyexportd_keys_purged_total") == Some(5.0)).then_some(m)
+        (sample(&m, "keyexportd_keys_purged_total") == Some(5.0)
+            && sample(&m, "keyexportd_current_key_tables{stream=\"s\"}") == Some(0.0))
+        .then_some(m)
     })
     .await;
     assert_eq!(sample(&m, "keyexportd_keys_live"), Some(0.0));

@@ -120,6 +120,21 @@ impl Collector for DomainCollector {
             "stream",
             &streams,
         )?;
+        let mut tables: Vec<(String, ConstGauge)> = self
+            .keys
+            .current_key_tables()
+            .into_iter()
+            .map(|(name, n)| (name, ConstGauge::new(n as i64)))
+            .collect();
+        tables.sort_by(|a, b| a.0.cmp(&b.0));
+        family(
+            &mut enc,
+            "keyexportd_current_key_tables",
+            "Rotation periods whose current-key pointers each stream still holds.",
+            MetricType::Gauge,
+            "stream",
+            &tables,
+        )?;
 
         let exporters = self.exporters.list();
         let now = now_millis();
