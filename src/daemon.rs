@@ -447,8 +447,11 @@ async fn handle_signals(
 /// lower CPU priority (a million keys expiring at once are seconds of work, which must
 /// not be taken from the threads that answer requests), and watches the store: after an
 /// I/O error sled refuses every write for good, so the daemon stops with an error
-/// (systemd restarts it and sled recovers from its log). `runtime` serves only to wait
-/// for the next round or the shutdown signal, whichever comes first.
+/// (systemd restarts it and sled recovers from its log). The first round comes one
+/// interval after the start, so that a start serves first: after a long stop, that
+/// round may drop the current-key pointers of many rotation periods, work that would
+/// otherwise meet the first requests' cold caches. `runtime` serves only to wait for the
+/// next round or the shutdown signal, whichever comes first.
 fn run_janitor(
     runtime: tokio::runtime::Handle,
     keys: Arc<Keys>,
@@ -458,8 +461,18 @@ fn run_janitor(
     fatal: Arc<std::sync::Mutex<Option<String>>>,
 ) {
     crate::export::lower_priority();
+    let mut round = std::time::Instant::now();
     loop {
-        let round = std::time::Instant::now();
+        let until_next_round = every.saturating_sub(round.elapsed());
+        let stopping = runtime.block_on(async {
+            tokio::time::timeout(until_next_round, shutdown.wait_for(|s| *s))
+                .await
+                .is_ok()
+        });
+        if stopping {
+            return;
+        }
+        round = std::time::Instant::now();
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| keys.maintain())) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => log::warn!("key maintenance failed, will retry: {e}"),
@@ -473,15 +486,6 @@ fn run_janitor(
             log::error!("{reason}");
             *fatal.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
             let _ = stop.send(true);
-            return;
-        }
-        let until_next_round = every.saturating_sub(round.elapsed());
-        let stopping = runtime.block_on(async {
-            tokio::time::timeout(until_next_round, shutdown.wait_for(|s| *s))
-                .await
-                .is_ok()
-        });
-        if stopping {
             return;
         }
     }
