@@ -1049,6 +1049,14 @@ mod tests {
         link
     }
 
+    /// The keyLink the current-key pointer of the keyed hash `[byte; 32]` holds at `now`.
+    fn pointer(store: &Store, ksid: Uuid, byte: u8, now: u64) -> Option<Uuid> {
+        store
+            .current(ksid, &[byte; 32], now)
+            .unwrap()
+            .map(|c| c.key_link)
+    }
+
     #[tokio::test]
     async fn key_records_round_trip_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -1084,39 +1092,18 @@ mod tests {
         let a = new_key(&store, ksid, 0, 1, 100, 150);
         let b = new_key(&store, ksid, 1, 2, 125, 300);
         let c = new_key(&store, other, 0, 1, 105, 300);
-        assert_eq!(
-            store
-                .current(ksid, &[1; 32], 105)
-                .unwrap()
-                .unwrap()
-                .key_link,
-            a
-        );
-        assert_eq!(
-            store
-                .current(other, &[1; 32], 105)
-                .unwrap()
-                .unwrap()
-                .key_link,
-            c
-        );
-        assert!(store.current(ksid, &[3; 32], 105).unwrap().is_none());
+        assert_eq!(pointer(&store, ksid, 1, 105), Some(a));
+        assert_eq!(pointer(&store, other, 1, 105), Some(c));
+        assert!(pointer(&store, ksid, 3, 105).is_none());
         assert_eq!(store.periods().len(), 3);
         // Every key of [100, 110) has rotated by 120, not before.
         assert_eq!(store.drop_rotated_periods(119).unwrap(), 0);
         assert_eq!(store.drop_rotated_periods(120).unwrap(), 2);
-        assert!(store.current(ksid, &[1; 32], 100).unwrap().is_none());
-        assert!(store.current(other, &[1; 32], 100).unwrap().is_none());
-        assert_eq!(
-            store
-                .current(ksid, &[2; 32], 125)
-                .unwrap()
-                .unwrap()
-                .key_link,
-            b
-        );
+        assert!(pointer(&store, ksid, 1, 100).is_none());
+        assert!(pointer(&store, other, 1, 100).is_none());
+        assert_eq!(pointer(&store, ksid, 2, 125), Some(b));
         // A period past its rotations is not looked at, even before the janitor runs.
-        assert!(store.current(ksid, &[2; 32], 140).unwrap().is_none());
+        assert!(pointer(&store, ksid, 2, 140).is_none());
         // b has not expired at 200: trimming stops there even though it is old.
         assert_eq!(store.trim_log(ksid, 1000, 200, 100).unwrap(), 1);
         assert!(store.key(a).unwrap().is_none());
@@ -1128,15 +1115,8 @@ mod tests {
         drop(store);
         let store = Store::open(&dir.path().join("db"), 8 << 20, 0).unwrap();
         assert_eq!(store.periods().len(), 1);
-        assert_eq!(
-            store
-                .current(ksid, &[2; 32], 125)
-                .unwrap()
-                .unwrap()
-                .key_link,
-            b
-        );
-        assert!(store.current(ksid, &[1; 32], 100).unwrap().is_none());
+        assert_eq!(pointer(&store, ksid, 2, 125), Some(b));
+        assert!(pointer(&store, ksid, 1, 100).is_none());
     }
 
     #[tokio::test]
@@ -1145,23 +1125,9 @@ mod tests {
         let ksid = Uuid::new_v4();
         new_key(&store, ksid, 0, 1, 100, 150);
         let new = new_key(&store, ksid, 1, 1, 140, 400);
-        assert_eq!(
-            store
-                .current(ksid, &[1; 32], 141)
-                .unwrap()
-                .unwrap()
-                .key_link,
-            new
-        );
+        assert_eq!(pointer(&store, ksid, 1, 141), Some(new));
         assert_eq!(store.drop_rotated_periods(141).unwrap(), 1);
-        assert_eq!(
-            store
-                .current(ksid, &[1; 32], 141)
-                .unwrap()
-                .unwrap()
-                .key_link,
-            new
-        );
+        assert_eq!(pointer(&store, ksid, 1, 141), Some(new));
     }
 
     #[tokio::test]
