@@ -234,24 +234,24 @@ fn key_of(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
     k
 }
 
-/// Runs, on the calling thread, the frees sled deferred when it dropped a tree.
+/// Runs, on the calling thread, the frees sled deferred when it dropped a tree, for at
+/// most `budget` (twice what the drop took: the frees cost about that much).
 ///
 /// sled frees each page of a dropped tree (and the page's node in memory) in closures
 /// deferred to the epoch collector: a pointer table of a million keys leaves some
 /// 80,000 pages, a second or more of work. Left alone the closures run on whichever
 /// threads pin the epoch next, request threads among them; the janitor drains them
-/// instead, until collections have found nothing for a while (the epoch advances only
-/// as the other threads re-pin), within a bound. A collection that found work is told
-/// by the CPU time it took, not the wall time, which a janitor at low priority loses
-/// to preemption. (As published, sled also scanned its whole free list in each of
-/// them: vendor/sled/PATCHES.md.)
-fn run_deferred_frees() {
+/// instead, until collections have found nothing for 100 ms (the epoch advances only as
+/// the other threads re-pin). The collector is the process's: under load it always has
+/// other threads' garbage, hence the budget, which keeps the janitor's round short. A
+/// collection that found work is told by the CPU time it took, not the wall time, which
+/// a janitor at low priority loses to preemption. (As published, sled also scanned its
+/// whole free list in each closure: vendor/sled/PATCHES.md.)
+fn run_deferred_frees(budget: std::time::Duration) {
     use std::time::{Duration, Instant};
     let started = Instant::now();
     let mut found_some = Instant::now();
-    while found_some.elapsed() < Duration::from_millis(200)
-        && started.elapsed() < Duration::from_secs(120)
-    {
+    while found_some.elapsed() < Duration::from_millis(100) && started.elapsed() < budget {
         let before = thread_cpu_time();
         crossbeam_epoch::pin().flush();
         if thread_cpu_time().saturating_sub(before) >= Duration::from_micros(20) {
@@ -810,8 +810,9 @@ impl Store {
         let n = taken.len();
         for (p, tree) in taken {
             drop(tree);
+            let started = std::time::Instant::now();
             self.db.drop_tree(p.tree_name())?;
-            run_deferred_frees();
+            run_deferred_frees(2 * started.elapsed());
         }
         Ok(n)
     }
