@@ -187,6 +187,7 @@ def main():
 
     # --- figures 1-3: a fresh daemon -------------------------------------------------------
     work = h.workdir("bench")
+    small_work = work
     d = h.Daemon(daemon_bin, work, {})
     d.start()
     d.ok("POST", "/v1/streams", {"name": "s"})
@@ -374,6 +375,9 @@ def main():
     d.stop()
     moto.stop()
 
+    # A full run leaves some 5 GB of data directories; a failed run keeps them to look at.
+    for directory in (small_work, work):
+        shutil.rmtree(directory, ignore_errors=True)
     write_report(a.out, info, rows, profiles, q)
 
 
