@@ -234,7 +234,9 @@ def main():
     work = h.workdir("bench-big")
     # The janitor's first round comes one purge interval after a start: 5 s leaves the
     # purge of figure 7 clear of the restart's own warm-up.
-    d = h.Daemon(daemon_bin, work, {"keys": 'grace = "1s"\npurge_interval = "5s"'})
+    # (The janitor logs the time of its purges at debug: figure 7 reads them.)
+    d = h.Daemon(daemon_bin, work, {"keys": 'grace = "1s"\npurge_interval = "5s"',
+                                    "log": 'level = "info,keyexportd::keys=debug"'})
     d.start()
     d.ok("POST", "/v1/streams", {"name": "big"})
     token_file = os.path.join(d.data_dir, "admin.token")
@@ -358,8 +360,8 @@ def main():
         took = [duration_secs(m.group(1)) for m in re.finditer(
             r"janitor: (?:dropped the current-key pointers of \d+ rotated period\(s\)|"
             r"purged \d+ expired key\(s\) of key stream \S+) in (\S+)", f.read())]
-    if not took:
-        h.fail("the janitor logged no round that purged or dropped")
+    if len(took) < 2:
+        h.fail(f"the janitor logged {len(took)} of the drop and the purge of its round")
     round_secs = sum(took)
     idle = run_json([loadgen, "--base", d.base, "--token-file", token_file, "--stream", "big", "--rate", "200",
                      "--seconds", str(secs), "--prefix", "idle2"])
